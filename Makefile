@@ -1,0 +1,29 @@
+# `make test`: create/refresh .venv, install guidewrap with the dev extra, lint, run the tests.
+# `make demo`: same set-up, then the offline demo. Both are idempotent.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.guidewrap-installed
+
+.PHONY: test demo lint wheel-check docs
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(PY) -m ruff check guidewrap tests bench examples
+	$(PY) -m ruff format --check guidewrap tests bench examples
+
+test: lint
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/guidewrap demo
+
+wheel-check: $(STAMP)
+	rm -rf build/wheel && $(PY) -m pip wheel -q --no-deps . -w build/wheel
+	$(PY) -c "import sys, zipfile, glob; names = zipfile.ZipFile(glob.glob('build/wheel/guidewrap-*.whl')[0]).namelist(); \
+	missing = [f for f in ('guidewrap/__init__.py', 'guidewrap/py.typed', 'guidewrap/metrics.py') if f not in names]; \
+	sys.exit(f'wheel lacks {missing}') if missing else print('wheel ok:', len(names), 'files')"

@@ -1,0 +1,54 @@
+"""Textbook reference implementations, for tests and benchmarks only.
+
+These follow the definitions literally (Gram recomputed for every HSIC, n x n centring
+matrix ``H = I - 11^T / n``), the way the guidance paper's published code does, and are
+deliberately slow.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def hsic_textbook(k: Tensor, l: Tensor) -> Tensor:  # noqa: E741 - the textbook's name
+    """Biased HSIC ``tr(K H L H) / (n - 1)^2`` with explicit centring-matrix products."""
+    n = k.shape[0]
+    h = torch.eye(n, dtype=k.dtype, device=k.device) - torch.full((n, n), 1.0 / n, dtype=k.dtype, device=k.device)
+    return torch.trace(k @ h @ l @ h) / (n - 1) ** 2
+
+
+def linear_cka_textbook(x: Tensor, y: Tensor) -> Tensor:
+    """Linear CKA as ``HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))``, each Gram recomputed per HSIC."""
+    hxy = hsic_textbook(x @ x.T, y @ y.T)
+    hxx = hsic_textbook(x @ x.T, x @ x.T)
+    hyy = hsic_textbook(y @ y.T, y @ y.T)
+    return hxy / torch.sqrt(hxx * hyy)
+
+
+def rbf_cka_textbook(x: Tensor, y: Tensor, sigma: float = 1.0) -> Tensor:
+    """RBF CKA with the median heuristic (Kornblith et al.'s reference code, in torch)."""
+
+    def gram(z: Tensor) -> Tensor:
+        sq = torch.cdist(z, z).square()
+        return torch.exp(-sq / (2 * sigma**2 * torch.median(sq)))
+
+    kx, ky = gram(x), gram(y)
+    return hsic_textbook(kx, ky) / torch.sqrt(hsic_textbook(kx, kx) * hsic_textbook(ky, ky))
+
+
+def debiased_cka_textbook(x: Tensor, y: Tensor) -> Tensor:
+    """Debiased CKA from the unbiased HSIC U-statistic written out term by term."""
+
+    def hsic_u(k: Tensor, l: Tensor) -> Tensor:  # noqa: E741
+        n = k.shape[0]
+        k = k - torch.diag(torch.diag(k))
+        l = l - torch.diag(torch.diag(l))  # noqa: E741
+        ones = torch.ones(n, 1, dtype=k.dtype, device=k.device)
+        term1 = torch.trace(k @ l)
+        term2 = (ones.T @ k @ ones) * (ones.T @ l @ ones) / ((n - 1) * (n - 2))
+        term3 = 2.0 / (n - 2) * (ones.T @ k @ l @ ones)
+        return ((term1 + term2 - term3) / (n * (n - 3))).squeeze()
+
+    kx, ky = x @ x.T, y @ y.T
+    return hsic_u(kx, ky) / torch.sqrt(hsic_u(kx, kx) * hsic_u(ky, ky))

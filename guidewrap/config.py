@@ -1,0 +1,151 @@
+"""All guidance settings in one validated dataclass.
+
+Example:
+    >>> cfg = GuidanceConfig(until_step=300, decay="cosine")
+    >>> cfg.schedule().weight_at(150)
+    0.5
+    >>> GuidanceConfig(weight=-1)
+    Traceback (most recent call last):
+    ...
+    guidewrap.errors.ConfigError: weight must be >= 0, got -1; a negative weight would push layers apart
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from .capture import SEQUENCE_MODES
+from .errors import ConfigError
+from .metrics import Metric, get_metric
+from .schedules import GuidanceSchedule
+
+__all__ = ["GuidanceConfig"]
+
+LayerSpec = Any  # "auto" | list[tuple[str, str]] | {"target": ..., "guide": ...}
+
+
+@dataclass
+class GuidanceConfig:
+    """Settings of a guided run. Every field can also be passed as a keyword argument to
+    :class:`~guidewrap.GuidedModel` and :class:`~guidewrap.Guidance`.
+
+    Attributes:
+        layers: ``"auto"`` (discover and spread, as in the paper), a list of explicit
+            ``(target_name, guide_name)`` pairs, or ``{"target": spec, "guide": spec}`` where a
+            spec is ``"auto"``, a name pattern (``"encoder.layer.*"``) or a list of names/patterns;
+            the selected layers are then spread.
+        metric: a name from :func:`~guidewrap.metrics.available_metrics`, a
+            :class:`~guidewrap.metrics.Metric` or a callable ``(x, y) -> distance``.
+        weight: multiplier of the summed per-pair distances.
+        start_step / until_step: the window, in optimizer steps (``until_step=None``: whole run).
+        decay: ``"constant"``, ``"linear"`` or ``"cosine"`` decay of the weight inside the window.
+        guide_inputs: ``"same"`` (the target's batch), ``"noise"`` (both nets see noise shaped like
+            the batch for the alignment term) or a callable mapping the target's inputs to the
+            guide's (returning a tensor, tuple of args or dict of kwargs).
+        sequence: ``"flatten"`` (paper default), ``"tokenwise"`` (CKA per position, averaged) or
+            ``"mean"`` (mean over positions) for 3-D ``(n, T, D)`` outputs.
+        distributed: ``"global"`` (CKA over the batch gathered from all processes) or ``"local"``.
+        layer_types: module types (or class names) that ``"auto"`` discovery hooks.
+        exclude_output_layer: leave out the last discovered layer (the logits) in ``"auto"``.
+        add_to_output_loss: add the term to ``output.loss`` / ``output["loss"]`` when present.
+        input_batch_dim: which dimension of the first input tensor is the batch.
+        mask_key: keyword argument holding the ``(n, T)`` padding mask.
+        strict_guide: raise instead of freezing a guide whose parameters require gradients.
+
+    Example:
+        >>> GuidanceConfig(layers=[("fc1", "conv1")]).layers
+        [('fc1', 'conv1')]
+    """
+
+    layers: LayerSpec = "auto"
+    metric: str | Metric | Callable[..., Any] = "cka"
+    weight: float = 1.0
+    start_step: int = 0
+    until_step: int | None = None
+    decay: str = "constant"
+    guide_inputs: str | Callable[..., Any] = "same"
+    sequence: str = "flatten"
+    distributed: str = "global"
+    layer_types: Sequence[type[nn.Module] | str] | None = None
+    exclude_output_layer: bool = True
+    add_to_output_loss: bool = True
+    input_batch_dim: int = 0
+    mask_key: str = "attention_mask"
+    strict_guide: bool = False
+
+    def __post_init__(self) -> None:
+        self.schedule()  # validates weight and window
+        self.metric = get_metric(self.metric)
+        self.layers = _validate_layers(self.layers)
+        if not (callable(self.guide_inputs) or self.guide_inputs in ("same", "noise")):
+            raise ConfigError(f"guide_inputs must be 'same', 'noise' or a callable, got {self.guide_inputs!r}")
+        if self.sequence not in SEQUENCE_MODES:
+            raise ConfigError(f"sequence must be one of {SEQUENCE_MODES}, got {self.sequence!r}")
+        if self.distributed not in ("global", "local"):
+            raise ConfigError(f"distributed must be 'global' or 'local', got {self.distributed!r}")
+        if self.layer_types is not None:
+            bad = [t for t in self.layer_types if not (isinstance(t, str) or (isinstance(t, type) and issubclass(t, nn.Module)))]
+            if bad or not self.layer_types:
+                raise ConfigError(f"layer_types must be a non-empty list of nn.Module classes or class names, got {bad or self.layer_types!r}")
+        if not isinstance(self.input_batch_dim, int) or self.input_batch_dim < 0:
+            raise ConfigError(f"input_batch_dim must be an integer >= 0, got {self.input_batch_dim!r}")
+
+    def schedule(self) -> GuidanceSchedule:
+        """The :class:`~guidewrap.schedules.GuidanceSchedule` these settings describe."""
+        return GuidanceSchedule(self.weight, self.start_step, self.until_step, self.decay)
+
+    @classmethod
+    def build(cls, config: GuidanceConfig | None = None, **overrides: Any) -> GuidanceConfig:
+        """A config from an optional base plus keyword overrides; unknown keys fail with suggestions.
+
+        Example:
+            >>> GuidanceConfig.build(weight=0.5).weight
+            0.5
+        """
+        fields = {f.name for f in dataclasses.fields(cls)}
+        for key in overrides:
+            if key not in fields:
+                close = difflib.get_close_matches(key, fields, n=2)
+                hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+                raise ConfigError(f"unknown guidance setting {key!r}.{hint} Settings: {', '.join(sorted(fields))}")
+        if config is None:
+            return cls(**overrides)
+        if not isinstance(config, GuidanceConfig):
+            raise ConfigError(f"config must be a GuidanceConfig, got {type(config).__name__}")
+        return dataclasses.replace(config, **overrides)
+
+
+def _validate_layers(layers: LayerSpec) -> LayerSpec:
+    if layers == "auto":
+        return layers
+    if isinstance(layers, dict):
+        if set(layers) != {"target", "guide"}:
+            raise ConfigError(f"layers dict needs exactly the keys 'target' and 'guide', got {sorted(layers)}")
+        out = {}
+        for side, spec in layers.items():
+            if spec == "auto":
+                out[side] = "auto"
+            elif isinstance(spec, str):
+                out[side] = [spec]
+            elif isinstance(spec, (list, tuple)) and spec and all(isinstance(s, str) for s in spec):
+                out[side] = list(spec)
+            else:
+                raise ConfigError(f"layers[{side!r}] must be 'auto', a name pattern or a list of names, got {spec!r}")
+        return out
+    if isinstance(layers, (list, tuple)) and layers:
+        pairs = []
+        for pair in layers:
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
+                raise ConfigError(f"each explicit layer pair must be (target_name, guide_name), got {pair!r}")
+            pairs.append((pair[0], pair[1]))
+        return pairs
+    raise ConfigError(
+        "layers must be 'auto', a non-empty list of (target_name, guide_name) pairs or "
+        f"{{'target': ..., 'guide': ...}}, got {layers!r}"
+    )

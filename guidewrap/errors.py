@@ -1,0 +1,182 @@
+"""Error and warning types raised by guidewrap.
+
+Every error derives from :class:`GuidewrapError` *and* from the builtin exception a
+caller would naturally catch (``KeyError`` for an unknown layer, ``ValueError`` for a bad
+value, ...), so ``except ValueError`` keeps working while ``except GuidewrapError``
+catches everything this library raises.
+
+Example:
+    >>> from guidewrap.errors import GuidewrapError, ConfigError
+    >>> try:
+    ...     raise ConfigError("weight must be >= 0, got -1.0")
+    ... except ValueError as err:
+    ...     isinstance(err, GuidewrapError)
+    True
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "GuidewrapError",
+    "ConfigError",
+    "LayerNotFoundError",
+    "EmptyPlanError",
+    "BatchSizeMismatchError",
+    "NoBatchDimensionError",
+    "ShapeMismatchError",
+    "GuideRequiresGradError",
+    "MetricError",
+    "NoiseInputError",
+    "GuidanceClosedError",
+    "PlanNotReadyError",
+    "GuidewrapWarning",
+    "DegenerateFeaturesWarning",
+    "SkippedPairWarning",
+]
+
+
+class GuidewrapError(Exception):
+    """Base class of every error raised by guidewrap.
+
+    Example:
+        >>> issubclass(LayerNotFoundError, GuidewrapError)
+        True
+    """
+
+
+class ConfigError(GuidewrapError, ValueError):
+    """A setting has a bad value (negative weight, start after stop, unknown option).
+
+    Example:
+        >>> ConfigError("until_step (3) must be greater than start_step (5)").args[0][:10]
+        'until_step'
+    """
+
+
+class LayerNotFoundError(GuidewrapError, KeyError):
+    """A layer name or pattern matches no module of the model.
+
+    The message lists close matches and how to list valid names.
+
+    Example:
+        >>> err = LayerNotFoundError("no layer 'fc9'")
+        >>> isinstance(err, KeyError)
+        True
+    """
+
+    def __str__(self) -> str:  # KeyError would quote the message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class EmptyPlanError(GuidewrapError, ValueError):
+    """Layer matching produced no pair to align.
+
+    Example:
+        >>> isinstance(EmptyPlanError("no pairs"), ValueError)
+        True
+    """
+
+
+class BatchSizeMismatchError(GuidewrapError, ValueError):
+    """Target and guide features have different numbers of samples.
+
+    Example:
+        >>> isinstance(BatchSizeMismatchError("n differs"), ValueError)
+        True
+    """
+
+
+class NoBatchDimensionError(GuidewrapError, ValueError):
+    """An explicitly requested layer returns an output with no batch dimension.
+
+    Example:
+        >>> isinstance(NoBatchDimensionError("no batch dim"), ValueError)
+        True
+    """
+
+
+class ShapeMismatchError(GuidewrapError, ValueError):
+    """Feature matrices given to a metric have incompatible shapes.
+
+    Example:
+        >>> isinstance(ShapeMismatchError("x is 3-D"), ValueError)
+        True
+    """
+
+
+class GuideRequiresGradError(GuidewrapError, ValueError):
+    """A guide whose parameters require gradients was passed with ``strict_guide=True``.
+
+    Example:
+        >>> isinstance(GuideRequiresGradError("guide trains"), ValueError)
+        True
+    """
+
+
+class MetricError(GuidewrapError, TypeError):
+    """A metric is unknown, or returned something other than a finite 0-dim tensor.
+
+    Example:
+        >>> isinstance(MetricError("metric returned shape (3,)"), TypeError)
+        True
+    """
+
+
+class NoiseInputError(GuidewrapError, TypeError):
+    """Noise inputs cannot be generated for an input of this type.
+
+    Example:
+        >>> isinstance(NoiseInputError("cannot make noise for a str"), TypeError)
+        True
+    """
+
+
+class GuidanceClosedError(GuidewrapError, RuntimeError):
+    """A :class:`~guidewrap.Guidance` was used after its ``with`` block ended.
+
+    Example:
+        >>> isinstance(GuidanceClosedError("closed"), RuntimeError)
+        True
+    """
+
+
+class PlanNotReadyError(GuidewrapError, RuntimeError):
+    """The layer plan needs an example input before it can be resolved.
+
+    Example:
+        >>> isinstance(PlanNotReadyError("pass an example"), RuntimeError)
+        True
+    """
+
+
+class GuidewrapWarning(UserWarning):
+    """Base class of guidewrap's warnings.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     warnings.warn("x", GuidewrapWarning)
+        >>> caught[0].category.__name__
+        'GuidewrapWarning'
+    """
+
+
+class DegenerateFeaturesWarning(GuidewrapWarning):
+    """A metric got input it cannot measure (constant, zero, non-finite, too few samples).
+
+    The metric then returns its defined fallback value (similarity 0) with a zero gradient.
+
+    Example:
+        >>> issubclass(DegenerateFeaturesWarning, GuidewrapWarning)
+        True
+    """
+
+
+class SkippedPairWarning(GuidewrapWarning):
+    """A layer pair could not be measured this step and was left out of the loss.
+
+    Example:
+        >>> issubclass(SkippedPairWarning, UserWarning)
+        True
+    """

@@ -1,0 +1,134 @@
+"""What the guide sees: the target's batch, noise, or the output of a user's adapter.
+
+Example:
+    >>> import torch
+    >>> noisy = make_noise({"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.ones(1, 3)}, 50)
+    >>> noisy["attention_mask"].tolist(), bool((noisy["input_ids"] < 50).all())
+    ([[1.0, 1.0, 1.0]], True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import NoiseInputError
+
+__all__ = ["make_noise", "vocab_size_of", "normalize_call"]
+
+Call = tuple[tuple[Any, ...], dict[str, Any]]
+
+# Arguments that only matter for the task loss: never forwarded to the guide or noised.
+TRAINING_ONLY_KEYS = ("labels", "label", "num_items_in_batch", "return_loss")
+_KEEP_KEYS = ("token_type_ids", "position_ids")
+
+
+def vocab_size_of(model: nn.Module) -> int | None:
+    """Vocabulary size of a token model: ``config.vocab_size`` or its first ``nn.Embedding``.
+
+    Example:
+        >>> import torch
+        >>> vocab_size_of(torch.nn.Sequential(torch.nn.Embedding(11, 4)))
+        11
+    """
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(size, int):
+        return size
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            return module.num_embeddings
+    return None
+
+
+def make_noise(value: Any, vocab_size: int | None, key: str | None = None) -> Any:
+    """Noise shaped like ``value``: Gaussian with the input's mean/std for float tensors, uniform
+    random tokens below ``vocab_size`` for integer tensors; masks become all ones, labels are
+    dropped, other Python scalars pass through.
+
+    Example:
+        >>> import torch
+        >>> make_noise(torch.zeros(2, 3), None).shape
+        torch.Size([2, 3])
+    """
+    if isinstance(value, Tensor):
+        if key is not None and "mask" in key:
+            return torch.ones_like(value)
+        if value.is_floating_point():
+            std = value.float().std() if value.numel() > 1 else torch.tensor(1.0)
+            std = std if bool(std > 0) else torch.tensor(1.0)
+            return (torch.randn_like(value, dtype=torch.float32) * std + value.float().mean()).to(value.dtype)
+        if value.dtype == torch.bool or (key in _KEEP_KEYS):
+            return value.clone()
+        high = vocab_size if vocab_size is not None else int(value.max()) + 1
+        return torch.randint(0, max(high, 1), value.shape, device=value.device, dtype=value.dtype)
+    if isinstance(value, Mapping):
+        return {k: make_noise(v, vocab_size, k) for k, v in value.items() if k not in TRAINING_ONLY_KEYS}
+    if isinstance(value, (tuple, list)):
+        return type(value)(make_noise(v, vocab_size, key) for v in value)
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    raise NoiseInputError(
+        f"cannot make noise for an input of type {type(value).__name__}"
+        + (f" (argument {key!r})" if key else "")
+        + "; noise needs tensors (or dicts/tuples of them). Pass guide_inputs='same' or a callable instead."
+    )
+
+
+def normalize_call(result: Any) -> Call:
+    """Turn an adapter's return value into ``(args, kwargs)``.
+
+    A tensor becomes one positional argument, a dict keyword arguments, a tuple positional
+    arguments; an explicit ``(tuple, dict)`` pair is used as is.
+
+    Example:
+        >>> import torch
+        >>> normalize_call({"x": 1})
+        ((), {'x': 1})
+    """
+    if isinstance(result, Mapping):
+        return (), dict(result)
+    if (
+        isinstance(result, tuple)
+        and len(result) == 2
+        and isinstance(result[0], tuple)
+        and isinstance(result[1], Mapping)
+    ):
+        return tuple(result[0]), dict(result[1])
+    if isinstance(result, (tuple, list)):
+        return tuple(result), {}
+    return (result,), {}
+
+
+def filter_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Drop training-only keys, and keys ``fn`` does not accept (unless it takes ``**kwargs``)."""
+    import inspect
+
+    kwargs = {k: v for k, v in kwargs.items() if k not in TRAINING_ONLY_KEYS}
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def first_tensor(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Tensor | None:
+    """The first tensor among the positional, then keyword, arguments (searching containers)."""
+    from .capture import extract
+
+    from torch.nn.utils.rnn import PackedSequence
+
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor):
+            return value
+        if isinstance(value, PackedSequence):  # a tuple subclass: test before containers
+            return extract(value)[0]
+        if isinstance(value, (Mapping, tuple, list)):
+            found = first_tensor(tuple(value.values()) if isinstance(value, Mapping) else tuple(value), {})
+            if found is not None:
+                return found
+    return None

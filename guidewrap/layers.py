@@ -1,0 +1,387 @@
+"""Layer discovery and matching.
+
+Layers are named by their ``named_modules()`` paths (as in torchvision's feature extraction).
+Discovery runs one probe forward and records which candidate modules actually fire, in
+forward order, with their output shapes; modules that never run (a fused fast path, an
+unused branch) are therefore never planned. Matching follows the guidance paper: the guide's
+``i``-th layer goes to the target's ``round(i * (n_t - 1) / (n_g - 1))``-th layer, first to
+first and last to last.
+
+Example:
+    >>> spread(5, 3)
+    [0, 2, 4]
+    >>> spread(2, 4)  # more guide layers than target layers: several land on one
+    [0, 0, 1, 1]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import fnmatch
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .capture import extract, find_batch_dim, is_channels_first, sequence_length
+from .errors import EmptyPlanError, LayerNotFoundError, NoBatchDimensionError
+
+__all__ = [
+    "DEFAULT_LAYER_TYPES",
+    "LayerInfo",
+    "LayerPair",
+    "LayerPlan",
+    "list_layers",
+    "spread",
+]
+
+# The paper's hooked types (Conv2d, Linear, AdaptiveAvgPool2d, LSTM, RNN, TransformerDecoderLayer,
+# LayerNorm, MultiheadAttention), widened to the other dimensions and families. Class names
+# are matched for Hugging Face's GPT-2 ``Conv1D`` so transformers need not be imported.
+DEFAULT_LAYER_TYPES: tuple[type[nn.Module] | str, ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.RNN,
+    nn.LSTM,
+    nn.GRU,
+    nn.MultiheadAttention,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+    nn.LayerNorm,
+    "Conv1D",
+)
+
+
+def spread(n_target: int, n_guide: int) -> list[int]:
+    """Target index for each guide layer: ``round(i * (n_t - 1) / (n_g - 1))``.
+
+    Example:
+        >>> spread(48, 21)[:4]
+        [0, 2, 5, 7]
+    """
+    if n_guide == 1:
+        return [0]
+    return [round(i * (n_target - 1) / (n_guide - 1)) for i in range(n_guide)]
+
+
+def list_layers(model: nn.Module) -> list[str]:
+    """All layer names of ``model`` (its ``named_modules()`` paths, wrappers stripped).
+
+    Example:
+        >>> import torch
+        >>> list_layers(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU()))
+        ['0', '1']
+    """
+    from .utils import unwrap_model
+
+    return [name for name, _ in unwrap_model(model).named_modules() if name]
+
+
+@dataclass
+class LayerInfo:
+    """One hookable layer as seen by the probe forward.
+
+    Example:
+        >>> LayerInfo("fc1", "Linear", (8, 16), batch_dim=0).features
+        16
+    """
+
+    name: str
+    type: str
+    shape: tuple[int, ...] | None
+    batch_dim: int | None = None
+    channels_first: bool = False
+    skip_reason: str | None = None
+    calls: int = 1
+
+    @property
+    def features(self) -> int:
+        """Number of features per sample when flattened."""
+        if not self.shape:
+            return 0
+        out = 1
+        for size in self.shape[1:]:
+            out *= size
+        return out
+
+    @property
+    def seq_len(self) -> int | None:
+        """Sequence length for a 3-D (sequence) output, else None."""
+        return None if self.shape is None else sequence_length(torch.Size(self.shape), self.channels_first)
+
+
+@dataclass
+class LayerPair:
+    """A (target layer, guide layer) pair aligned by the loss.
+
+    Example:
+        >>> t, g = LayerInfo("a", "Linear", (4, 8)), LayerInfo("b", "Conv2d", (4, 2, 3, 3))
+        >>> LayerPair(t, g).key
+        'a<-b'
+    """
+
+    target: LayerInfo
+    guide: LayerInfo
+    mode: str = "flatten"
+
+    @property
+    def key(self) -> str:
+        """``"target_name<-guide_name"``, the key used in logs."""
+        return f"{self.target.name}<-{self.guide.name}"
+
+
+@dataclass
+class LayerPlan:
+    """The matched layer pairs, plus every layer left out and why. Printing shows a table.
+
+    Example:
+        >>> t, g = LayerInfo("fc", "Linear", (4, 8)), LayerInfo("conv", "Conv2d", (4, 2, 3, 3))
+        >>> print(LayerPlan([LayerPair(t, g)]))  # doctest: +NORMALIZE_WHITESPACE
+        guidance plan: 1 pair
+          #  target             features  <- guide                features  mode
+          0  fc (Linear)               8  <- conv (Conv2d)            18  flatten
+    """
+
+    pairs: list[LayerPair]
+    skipped: list[tuple[str, LayerInfo]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __iter__(self) -> Iterator[LayerPair]:
+        return iter(self.pairs)
+
+    def __str__(self) -> str:
+        rows = [(f"{p.target.name} ({p.target.type})", p.target.features, f"{p.guide.name} ({p.guide.type})",
+                 p.guide.features, p.mode) for p in self.pairs]  # fmt: skip
+        w_t = max([len("target")] + [len(r[0]) for r in rows])
+        w_g = max([len("guide")] + [len(r[2]) for r in rows])
+        lines = [f"guidance plan: {len(self.pairs)} pair{'s' if len(self.pairs) != 1 else ''}"]
+        lines.append(f"  {'#':>2}  {'target':<{w_t}}  features  <- {'guide':<{w_g}}  features  mode")
+        for i, (t, tf, g, gf, mode) in enumerate(rows):
+            lines.append(f"  {i:>2}  {t:<{w_t}}  {tf:>8}  <- {g:<{w_g}}  {gf:>8}  {mode}")
+        for side, info in self.skipped:
+            lines.append(f"  skipped {side} {info.name} ({info.type}): {info.skip_reason}")
+        lines.extend(f"  note: {note}" for note in self.notes)
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+# --------------------------------------------------------------------------- name resolution
+
+
+def _not_found(model_name: str, wanted: str, names: Sequence[str]) -> LayerNotFoundError:
+    close = difflib.get_close_matches(wanted, names, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    return LayerNotFoundError(
+        f"{model_name} has no layer matching {wanted!r}.{hint} Layer names are named_modules() paths; "
+        f"list them with guidewrap.list_layers({model_name})."
+    )
+
+
+def resolve_names(model: nn.Module, patterns: Sequence[str], model_name: str) -> list[str]:
+    """Expand names / fnmatch patterns to module names, failing at once on a bad one."""
+    names = [name for name, _ in model.named_modules() if name]
+    chosen: list[str] = []
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise LayerNotFoundError(f"{model_name} layer names must be strings, got {pattern!r}")
+        matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not matched:
+            raise _not_found(model_name, pattern, names)
+        chosen.extend(m for m in matched if m not in chosen)
+    return chosen
+
+
+def _is_candidate(module: nn.Module, layer_types: Sequence[type[nn.Module] | str]) -> bool:
+    for kind in layer_types:
+        if isinstance(kind, str):
+            if type(module).__name__ == kind:
+                return True
+        elif isinstance(module, kind):
+            return True
+    return False
+
+
+def _batch_first_hint(model: nn.Module, name: str) -> bool | None:
+    """``batch_first`` of the module or its nearest ancestor that declares one."""
+    parts = name.split(".")
+    for depth in range(len(parts), -1, -1):
+        try:
+            module = model.get_submodule(".".join(parts[:depth]))
+        except AttributeError:
+            continue
+        flag = getattr(module, "batch_first", None)
+        if isinstance(flag, bool):
+            return flag
+    return None
+
+
+# --------------------------------------------------------------------------- probing
+
+
+@contextlib.contextmanager
+def _no_side_effects(model: nn.Module) -> Iterator[None]:
+    """Run a probe forward without changing buffers (BatchNorm stats) or the global RNG."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+def probe(
+    model: nn.Module,
+    run: Callable[[], Any],
+    n: int,
+    names: Sequence[str] | None,
+    layer_types: Sequence[type[nn.Module] | str],
+) -> list[LayerInfo]:
+    """Record, in firing order, the layers of ``model`` that run during ``run()``.
+
+    ``names`` restricts the candidates to those modules; otherwise every module of a type in
+    ``layer_types`` is a candidate. Hooks are always removed.
+    """
+    modules = dict(model.named_modules())
+    if names is None:
+        candidates = {name: m for name, m in modules.items() if name and _is_candidate(m, layer_types)}
+    else:
+        candidates = {name: modules[name] for name in names}
+    seen: dict[str, LayerInfo] = {}
+
+    def make_hook(name: str, module: nn.Module) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            if name in seen:
+                seen[name].calls += 1
+                return
+            seen[name] = describe(model, name, module, output, n)
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(name, m)) for name, m in candidates.items()]
+    try:
+        with _no_side_effects(model):
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(seen.values())
+
+
+def describe(model: nn.Module, name: str, module: nn.Module, output: Any, n: int) -> LayerInfo:
+    """LayerInfo for one output of ``module`` given a batch of ``n`` samples."""
+    kind = type(module).__name__
+    tensor, lengths = extract(output)
+    if tensor is None:
+        return LayerInfo(name, kind, None, skip_reason=f"output of type {type(output).__name__} holds no float tensor")
+    hint = True if lengths is not None else _batch_first_hint(model, name)
+    batch_dim = find_batch_dim(tensor, n, hint)
+    if batch_dim is None:
+        return LayerInfo(
+            name, kind, tuple(tensor.shape), skip_reason=f"no batch dimension of size {n} in output shape "
+            f"{tuple(tensor.shape)}"
+        )  # fmt: skip
+    shape = tuple(tensor.movedim(batch_dim, 0).shape)
+    return LayerInfo(name, kind, shape, batch_dim=batch_dim, channels_first=is_channels_first(module))
+
+
+# --------------------------------------------------------------------------- matching
+
+
+def build_plan(
+    target_layers: list[LayerInfo],
+    guide_layers: list[LayerInfo],
+    layers: Any,
+    sequence: str,
+    exclude_output_layer: bool,
+) -> LayerPlan:
+    """Match probed layers into pairs according to the ``layers`` setting."""
+    skipped: list[tuple[str, LayerInfo]] = []
+    notes: list[str] = []
+
+    def usable(infos: list[LayerInfo], side: str, explicit: bool, auto: bool) -> list[LayerInfo]:
+        good = []
+        for info in infos:
+            if info.skip_reason is None:
+                good.append(info)
+            elif explicit:
+                raise NoBatchDimensionError(
+                    f"{side} layer {info.name!r} cannot be aligned: {info.skip_reason}. Pick a layer whose output "
+                    "has the batch as one dimension (see plan(example) for candidates)."
+                )
+            else:
+                skipped.append((side, info))
+        if auto and exclude_output_layer and len(good) > 1:
+            last = good.pop()
+            last.skip_reason = "output layer (logits), left out as in the paper; set exclude_output_layer=False"
+            skipped.append((side, last))
+        return good
+
+    if isinstance(layers, list):  # explicit pairs, in the user's order
+        by_t = {i.name: i for i in target_layers}
+        by_g = {i.name: i for i in guide_layers}
+        pairs = []
+        for t_name, g_name in layers:
+            for side, table, wanted in (("target", by_t, t_name), ("guide", by_g, g_name)):
+                if wanted not in table:
+                    raise NoBatchDimensionError(
+                        f"{side} layer {wanted!r} did not run during the forward pass, so it cannot be aligned"
+                    )
+            t_info, g_info = by_t[t_name], by_g[g_name]
+            usable([t_info], "target", True, False)
+            usable([g_info], "guide", True, False)
+            pairs.append(_pair(t_info, g_info, sequence, notes))
+        return _finish(LayerPlan(pairs, skipped, notes))
+
+    t_spec = layers["target"] if isinstance(layers, dict) else "auto"
+    g_spec = layers["guide"] if isinstance(layers, dict) else "auto"
+    t_good = usable(target_layers, "target", t_spec != "auto", t_spec == "auto")
+    g_good = usable(guide_layers, "guide", g_spec != "auto", g_spec == "auto")
+    if not t_good or not g_good:
+        side = "target" if not t_good else "guide"
+        raise EmptyPlanError(
+            f"no usable {side} layer was found, so there is nothing to align. Skipped: "
+            + (", ".join(f"{i.name} ({i.skip_reason})" for s, i in skipped if s == side) or "none ran")
+            + ". Pass layers={'target': [...], 'guide': [...]} or layer_types=... to choose layers."
+        )
+    index = spread(len(t_good), len(g_good))
+    if len(g_good) > len(t_good):
+        notes.append(
+            f"guide has {len(g_good)} layers for {len(t_good)} target layers: several guide layers share a target "
+            "layer and all of their terms are kept (the paper's code kept only the last)"
+        )
+    pairs = [_pair(t_good[ti], g, sequence, notes) for g, ti in zip(g_good, index, strict=True)]
+    return _finish(LayerPlan(pairs, skipped, notes))
+
+
+def _pair(t: LayerInfo, g: LayerInfo, sequence: str, notes: list[str]) -> LayerPair:
+    if sequence == "flatten":
+        return LayerPair(t, g, "flatten")
+    if t.seq_len is not None and t.seq_len == g.seq_len:
+        return LayerPair(t, g, sequence)
+    why = "not both sequences" if t.seq_len is None or g.seq_len is None else f"lengths {t.seq_len} != {g.seq_len}"
+    notes.append(f"{t.name}<-{g.name}: {sequence} needs two sequence outputs of one length ({why}); flattened")
+    return LayerPair(t, g, "flatten")
+
+
+def _finish(plan: LayerPlan) -> LayerPlan:
+    if not plan.pairs:
+        raise EmptyPlanError("the layer plan is empty: no pair to align. Check the layers=... setting.")
+    for info in {id(p.target): p.target for p in plan.pairs}.values():
+        if info.calls > 1:
+            plan.notes.append(f"{info.name} ran {info.calls} times per forward; its last output is aligned")
+    return plan

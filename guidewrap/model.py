@@ -1,0 +1,227 @@
+"""``GuidedModel``: the target wrapped as an ``nn.Module`` that adds the alignment term.
+
+Example:
+    >>> import torch
+    >>> from guidewrap import GuidedModel
+    >>> target = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+    >>> guide = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    >>> guided = GuidedModel(target, guide)
+    >>> out = guided(torch.randn(64, 8))
+    >>> loss = out.pow(2).mean() + guided.alignment_loss
+    >>> loss.backward()
+    >>> sorted(guided.last_alignment)
+    ['0<-0']
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import GuidanceConfig
+from .engine import GuidanceEngine
+from .layers import LayerPlan
+
+__all__ = ["GuidedModel"]
+
+
+class GuidedModel(nn.Module):
+    """Wrap ``target`` so each training forward is guided by the frozen ``guide``.
+
+    ``guided(x)`` returns exactly what ``target(x)`` returns; the weighted alignment term of
+    that forward is :attr:`alignment_loss` and, when the output carries a loss
+    (``output.loss`` or ``output["loss"]``), it is already added to it. The guide is not a
+    submodule: it is never in :meth:`parameters`, :meth:`state_dict` or a saved model, but it
+    follows ``.to()``/``.cuda()``. Unknown attributes are forwarded to the target, and the
+    target's forward signature is kept (the HF Trainer reads it).
+
+    ``state_dict()`` holds the target's weights (under ``target.``) plus ``guidance_step``, the
+    optimizer-step counter, so a checkpoint resumes the window where it stopped.
+    :meth:`save_pretrained` writes the target alone, in its own format.
+
+    Args:
+        target: the network being trained.
+        guide: the frozen network whose representations it is aligned to (trained or not).
+        config: a :class:`~guidewrap.GuidanceConfig`; keyword arguments override its fields.
+        optimizer: count window steps from this optimizer's ``step()`` calls.
+
+    Example:
+        >>> import torch
+        >>> net, guide = torch.nn.Linear(4, 4), torch.nn.Linear(4, 6)
+        >>> guided = GuidedModel(net, guide, until_step=100, exclude_output_layer=False)
+        >>> [name for name, _ in guided.named_parameters()]
+        ['target.weight', 'target.bias']
+        >>> guided.in_features  # forwarded to the target
+        4
+    """
+
+    guidance_step: Tensor
+
+    def __init__(
+        self,
+        target: nn.Module,
+        guide: nn.Module,
+        config: GuidanceConfig | None = None,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        **settings: Any,
+    ) -> None:
+        super().__init__()
+        cfg = GuidanceConfig.build(config, **settings)
+        engine = GuidanceEngine(target, guide, cfg, optimizer=optimizer)
+        self.target = target
+        # Kept out of _modules: the guide must never reach parameters() or state_dict().
+        object.__setattr__(self, "_engine", engine)
+        self.register_buffer("guidance_step", torch.zeros((), dtype=torch.long))
+        engine.on_step = self._store_step
+        self.register_load_state_dict_post_hook(_restore_step)
+        forward_impl = self._guided_forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return forward_impl(*args, **kwargs)
+
+        try:  # Trainer's remove_unused_columns inspects the forward signature
+            forward.__signature__ = inspect.signature(target.forward)  # type: ignore[attr-defined]
+        except (TypeError, ValueError):
+            pass
+        object.__setattr__(self, "forward", forward)
+
+    # ------------------------------------------------------------------ module plumbing
+
+    def _guided_forward(self, *args: Any, **kwargs: Any) -> Any:
+        engine = self._engine
+        engine.begin(args, kwargs)
+        try:
+            output = self.target(*args, **kwargs)
+        except BaseException:
+            engine.abort()
+            raise
+        return engine.end(output, kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in {"target", "_engine"}:
+                raise
+            return getattr(self._modules["target"], name)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> GuidedModel:
+        super()._apply(fn, recurse)
+        self._engine.guide._apply(fn)  # the guide follows .to()/.cuda()/.half()
+        return self
+
+    def _store_step(self, step: int) -> None:
+        self.guidance_step.fill_(step)
+
+    # ------------------------------------------------------------------ guidance API
+
+    @property
+    def guide(self) -> nn.Module:
+        """The frozen guide network."""
+        return self._engine.guide
+
+    @property
+    def guidance(self) -> GuidanceEngine:
+        """The underlying :class:`~guidewrap.engine.GuidanceEngine` (for integrations)."""
+        return self._engine
+
+    @property
+    def config(self) -> Any:
+        """The target's ``config`` if it has one (Hugging Face models), else the guidance config."""
+        target_config = getattr(self._modules["target"], "config", None)
+        return target_config if target_config is not None else self._engine.config
+
+    @property
+    def guidance_config(self) -> GuidanceConfig:
+        """The validated :class:`~guidewrap.GuidanceConfig`."""
+        return self._engine.config
+
+    @property
+    def alignment_loss(self) -> Tensor:
+        """Weighted alignment term of the last forward (a 0-dim tensor; 0 when not guided)."""
+        return self._engine.alignment_loss
+
+    @property
+    def last_alignment(self) -> dict[str, float]:
+        """Per-pair alignment (CKA for ``metric="cka"``) of the last guided forward."""
+        return dict(self._engine.last_alignment)
+
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps counted so far (drives the window and decay)."""
+        return self._engine.step_count
+
+    def step(self) -> None:
+        """Count one optimizer step (use when no ``optimizer=`` was given)."""
+        self._engine.step()
+
+    def attach_optimizer(self, optimizer: Any) -> None:
+        """Count steps from ``optimizer.step()`` (for optimizers built after wrapping)."""
+        self._engine.attach_optimizer(optimizer)
+
+    def guidance_metrics(self) -> dict[str, float]:
+        """Loggable values of the last forward: ``guidance_loss``, ``guidance_weight``, per pair."""
+        return self._engine.metrics()
+
+    def plan(self, *example_args: Any, **example_kwargs: Any) -> LayerPlan:
+        """The matched layer pairs with feature sizes; pass an example input to resolve it.
+
+        Example:
+            >>> import torch
+            >>> t = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+            >>> g = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Linear(5, 2))
+            >>> [p.key for p in GuidedModel(t, g).plan(torch.randn(10, 4))]
+            ['0<-0']
+        """
+        return self._engine.plan(example_args, example_kwargs)
+
+    def pre_align(
+        self,
+        *example_args: Any,
+        steps: int = 300,
+        lr: float = 1e-3,
+        optimizer: torch.optim.Optimizer | None = None,
+        **example_kwargs: Any,
+    ) -> list[float]:
+        """Guidance as initialisation: train the target on the alignment loss alone, on noise
+        shaped like the example input, for ``steps`` steps. Returns the loss per step.
+
+        Example:
+            >>> import torch
+            >>> t = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Linear(16, 2))
+            >>> g = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+            >>> history = GuidedModel(t, g).pre_align(torch.randn(32, 4), steps=20, lr=1e-2)
+            >>> history[-1] < history[0]
+            True
+        """
+        return self._engine.pre_align(example_args, example_kwargs, steps, lr, optimizer)
+
+    def evaluate_alignment(self, *args: Any, **kwargs: Any) -> float:
+        """Unweighted sum of pair distances on these inputs, without gradients."""
+        return self._engine.evaluate(args, kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
+        """Save the target alone, in its own format.
+
+        A Hugging Face target uses its own ``save_pretrained`` (loadable with
+        ``from_pretrained`` without guidewrap); any other module gets ``pytorch_model.bin``
+        holding ``target.state_dict()``.
+        """
+        target = self._modules["target"]
+        if hasattr(target, "save_pretrained"):
+            target.save_pretrained(save_directory, **kwargs)
+            return
+        path = Path(save_directory)
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save(target.state_dict(), path / "pytorch_model.bin")
+
+
+def _restore_step(module: nn.Module, _incompatible: Any) -> None:
+    if isinstance(module, GuidedModel):
+        module._engine.set_step(int(module.guidance_step))
