@@ -30,7 +30,16 @@ from .errors import (
     SkippedPairWarning,
 )
 from .layers import LayerPlan, list_layers
-from .metrics import available_metrics, debiased_cka, get_metric, linear_cka, procrustes_distance, rbf_cka, register_metric, rsa
+from .metrics import (
+    available_metrics,
+    debiased_cka,
+    get_metric,
+    linear_cka,
+    procrustes_distance,
+    rbf_cka,
+    register_metric,
+    rsa,
+)
 from .model import GuidedModel
 from .schedules import GuidanceSchedule
 from .utils import unwrap_model

@@ -90,9 +90,15 @@ class GuidanceConfig:
         if self.distributed not in ("global", "local"):
             raise ConfigError(f"distributed must be 'global' or 'local', got {self.distributed!r}")
         if self.layer_types is not None:
-            bad = [t for t in self.layer_types if not (isinstance(t, str) or (isinstance(t, type) and issubclass(t, nn.Module)))]
+            bad = [
+                t
+                for t in self.layer_types
+                if not (isinstance(t, str) or (isinstance(t, type) and issubclass(t, nn.Module)))
+            ]
             if bad or not self.layer_types:
-                raise ConfigError(f"layer_types must be a non-empty list of nn.Module classes or class names, got {bad or self.layer_types!r}")
+                raise ConfigError(
+                    f"layer_types must be a non-empty list of nn.Module classes or class names, got {bad or self.layer_types!r}"
+                )
         if not isinstance(self.input_batch_dim, int) or self.input_batch_dim < 0:
             raise ConfigError(f"input_batch_dim must be an integer >= 0, got {self.input_batch_dim!r}")
 

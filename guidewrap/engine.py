@@ -147,7 +147,9 @@ class GuidanceEngine:
                 break
             opt = inner
         if not isinstance(opt, torch.optim.Optimizer):
-            raise ConfigError(f"optimizer must be a torch.optim.Optimizer (or wrap one), got {type(optimizer).__name__}")
+            raise ConfigError(
+                f"optimizer must be a torch.optim.Optimizer (or wrap one), got {type(optimizer).__name__}"
+            )
         self._optimizer_hooks.append(opt.register_step_post_hook(lambda *_: self.step()))
 
     # ------------------------------------------------------------------ steps and state
@@ -272,14 +274,18 @@ class GuidanceEngine:
 
     def _resolve_plan(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         n = self._batch_size(args, kwargs)
-        g_args, g_kwargs = self._guide_call(args, kwargs)
+        g_args, g_kwargs = self._guide_call(args, kwargs, n)
         self._ensure_guide_device(args, kwargs)
         self.busy = True
         try:
             with torch.no_grad():
-                t_layers = probe(self.target, lambda: self.target(*args, **kwargs), n, self._names["target"], self.layer_types)
+                t_layers = probe(
+                    self.target, lambda: self.target(*args, **kwargs), n, self._names["target"], self.layer_types
+                )
             with torch.inference_mode():
-                g_layers = probe(self.guide, lambda: self.guide(*g_args, **g_kwargs), n, self._names["guide"], self.layer_types)
+                g_layers = probe(
+                    self.guide, lambda: self.guide(*g_args, **g_kwargs), n, self._names["guide"], self.layer_types
+                )
         finally:
             self.busy = False
         for side, infos in (("target", t_layers), ("guide", g_layers)):
@@ -290,7 +296,9 @@ class GuidanceEngine:
                     from .errors import NoBatchDimensionError
 
                     raise NoBatchDimensionError(f"{side} layer {missing[0]!r} did not run during the forward pass")
-        self._plan = build_plan(t_layers, g_layers, self.config.layers, self.config.sequence, self.config.exclude_output_layer)
+        self._plan = build_plan(
+            t_layers, g_layers, self.config.layers, self.config.sequence, self.config.exclude_output_layer
+        )
         self._remove_layer_hooks()
 
     # ------------------------------------------------------------------ guide side
@@ -305,12 +313,18 @@ class GuidanceEngine:
             )
         return int(tensor.shape[self.config.input_batch_dim])
 
-    def _guide_call(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Call:
+    def _guide_call(self, args: tuple[Any, ...], kwargs: Mapping[str, Any], n: int) -> Call:
         adapter = self.config.guide_inputs
         if callable(adapter):
             g_args, g_kwargs = normalize_call(adapter(*args, **kwargs))
         else:
             g_args, g_kwargs = args, dict(kwargs)
+        g_n = self._batch_size(g_args, g_kwargs)
+        if g_n != n:
+            raise BatchSizeMismatchError(
+                f"the guide's input has {g_n} samples but the target's has {n}; CKA compares the same samples, "
+                "so a guide_inputs adapter must keep the batch size"
+            )
         return g_args, filter_kwargs(self.guide.forward, g_kwargs)
 
     def _noise_call(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Call:
@@ -337,13 +351,7 @@ class GuidanceEngine:
         n = self._batch_size(args, kwargs)
         mask = kwargs.get(self.config.mask_key)
         self._mask = mask if isinstance(mask, Tensor) else None
-        g_args, g_kwargs = self._guide_call(args, kwargs)
-        g_n = self._batch_size(g_args, g_kwargs)
-        if g_n != n:
-            raise BatchSizeMismatchError(
-                f"the guide's input has {g_n} samples but the target's has {n}; CKA compares the same samples, "
-                "so a guide_inputs adapter must keep the batch size"
-            )
+        g_args, g_kwargs = self._guide_call(args, kwargs, n)
         g_mask = g_kwargs.get(self.config.mask_key, self._mask)
         g_mask = g_mask if isinstance(g_mask, Tensor) else None
         wanted: dict[str, set[str]] = {}
@@ -448,7 +456,9 @@ class GuidanceEngine:
             distance, ok = self.metric.distance_prepared(x, prepared, w)
             if not isinstance(distance, Tensor) or distance.shape != x.shape[:-2]:
                 shape = tuple(distance.shape) if isinstance(distance, Tensor) else type(distance).__name__
-                raise MetricError(f"metric {self.metric.name!r} returned {shape} for pair {pair.key}; expected a 0-dim tensor")
+                raise MetricError(
+                    f"metric {self.metric.name!r} returned {shape} for pair {pair.key}; expected a 0-dim tensor"
+                )
             if distance.dim():  # token-wise: mean over the positions that could be measured
                 okf = ok.to(distance.dtype)
                 distance = torch.where(ok, distance, torch.zeros_like(distance)).sum() / okf.sum().clamp_min(1.0)

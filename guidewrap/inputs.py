@@ -118,9 +118,9 @@ def filter_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, A
 
 def first_tensor(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Tensor | None:
     """The first tensor among the positional, then keyword, arguments (searching containers)."""
-    from .capture import extract
-
     from torch.nn.utils.rnn import PackedSequence
+
+    from .capture import extract
 
     for value in (*args, *kwargs.values()):
         if isinstance(value, Tensor):

@@ -297,13 +297,13 @@ def _rbf_gram(x: Tensor, sigma: float) -> tuple[Tensor, Tensor]:
     n = xc.shape[-2]
     off_diag = ~torch.eye(n, dtype=torch.bool, device=x.device)
     sq = (sq_norms[..., :, None] + sq_norms[..., None, :] - 2.0 * (xc @ xc.mT)).clamp_min(0.0) * off_diag
-    flat = sq.detach().flatten(-2)
+    flat = sq.flatten(-2)  # not detached: the bandwidth is part of the function being differentiated
     median = flat.median(-1).values
     # More than half the pairs identical: fall back to the mean of the non-zero distances.
-    positive = (flat > 0).sum(-1).clamp_min(1)
+    positive = (flat.detach() > 0).sum(-1).clamp_min(1)
     fallback = flat.sum(-1) / positive
     bandwidth = torch.where(median > _TINY, median, fallback)
-    ok = finite & nonzero & (bandwidth > _TINY)
+    ok = finite & nonzero & (bandwidth.detach() > _TINY)
     bandwidth = torch.where(ok, bandwidth, torch.ones_like(bandwidth))
     gram = torch.exp(-sq / (2.0 * sigma**2 * bandwidth[..., None, None]))
     row = gram.mean(-1, keepdim=True)

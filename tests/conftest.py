@@ -1,0 +1,52 @@
+"""Tiny models built from configs, shared by the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+def mlp(d_in: int = 8, width: int = 16, depth: int = 3, d_out: int = 3) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers += [nn.Linear(d_in if i == 0 else width, width), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(width, d_out))
+
+
+def small_cnn(channels: int = 4, d_out: int = 3) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, channels, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(channels, channels, 3, padding=1),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * channels, d_out),
+    )
+
+
+class RNNLM(nn.Module):
+    """Embedding -> stacked RNN -> head, returning {"loss", "logits"} when labels are given."""
+
+    def __init__(self, vocab: int = 20, hidden: int = 16, kind: type[nn.RNNBase] = nn.RNN, layers: int = 2) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, hidden)
+        self.rnn = kind(hidden, hidden, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        logits = self.head(self.rnn(self.emb(input_ids))[0])
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        return out
+
+
+def transformer_lm(vocab: int = 20, d: int = 16, layers: int = 2) -> nn.Sequential:
+    layer = nn.TransformerEncoderLayer(d, 2, 2 * d, dropout=0.0, batch_first=True)
+    return nn.Sequential(nn.Embedding(vocab, d), nn.TransformerEncoder(layer, layers), nn.Linear(d, vocab))
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
