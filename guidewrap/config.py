@@ -97,7 +97,8 @@ class GuidanceConfig:
             ]
             if bad or not self.layer_types:
                 raise ConfigError(
-                    f"layer_types must be a non-empty list of nn.Module classes or class names, got {bad or self.layer_types!r}"
+                    "layer_types must be a non-empty list of nn.Module classes or class names, "
+                    f"got {bad or self.layer_types!r}"
                 )
         if not isinstance(self.input_batch_dim, int) or self.input_batch_dim < 0:
             raise ConfigError(f"input_batch_dim must be an integer >= 0, got {self.input_batch_dim!r}")

@@ -440,21 +440,25 @@ class GuidanceEngine:
         distances: list[Tensor] = []
         oks: list[Tensor] = []
         missing: list[str] = []
+        target_sides: dict[tuple[str, str], Any] = {}  # each target layer is reduced once per forward
         for pair in plan:
             raw = self._target_out.get(pair.target.name)
             prepared = self._prepared.get((pair.guide.name, pair.mode))
-            tensor = extract(raw)[0] if raw is not None else None
+            tensor, lengths = extract(raw) if raw is not None else (None, None)
             if tensor is None or prepared is None or pair.target.batch_dim is None:
                 missing.append(pair.key)
                 distances.append(torch.ones(()))
                 oks.append(torch.zeros((), dtype=torch.bool))
                 continue
-            lengths = extract(raw)[1]
-            mask = self._mask if lengths is None else lengths_to_mask(lengths, tensor.shape[1], tensor.device)
-            x, w = features(tensor, pair.target.batch_dim, pair.mode, mask, pair.target.channels_first)
-            x, w = self._gather(x, w, differentiable=True)
-            distance, ok = self.metric.distance_prepared(x, prepared, w)
-            if not isinstance(distance, Tensor) or distance.shape != x.shape[:-2]:
+            key = (pair.target.name, pair.mode)
+            if key not in target_sides:
+                mask = self._mask if lengths is None else lengths_to_mask(lengths, tensor.shape[1], tensor.device)
+                x, w = features(tensor, pair.target.batch_dim, pair.mode, mask, pair.target.channels_first)
+                x, w = self._gather(x, w, differentiable=True)
+                target_sides[key] = (self.metric.prepare_target(x, w), w, x.shape[:-2])
+            side, w, batch_shape = target_sides[key]
+            distance, ok = self.metric.compare(side, prepared, w)
+            if not isinstance(distance, Tensor) or distance.shape != batch_shape:
                 shape = tuple(distance.shape) if isinstance(distance, Tensor) else type(distance).__name__
                 raise MetricError(
                     f"metric {self.metric.name!r} returned {shape} for pair {pair.key}; expected a 0-dim tensor"

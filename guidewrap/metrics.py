@@ -164,13 +164,19 @@ class CenteredSide:
     @classmethod
     def of(cls, x: Tensor, weights: Tensor | None = None, form: str | None = None) -> CenteredSide:
         """Centre ``x`` (n, d) over samples and pick the cheaper form (features if d <= n)."""
-        x, finite = _sanitize(_upcast(x))
-        xc, nonzero = _rescale(_center(x, weights))
+        x = _upcast(x)
+        # One pass gives both the finiteness flag and a scale (CKA is scale invariant, and
+        # rescaling keeps 1e30 activations from overflowing in the products).
+        peak = torch.linalg.vector_norm(x.detach(), ord=float("inf"), dim=(-2, -1))
+        finite = torch.isfinite(peak)
+        inv_scale = 1.0 / torch.where(finite & (peak > _TINY), peak, torch.ones_like(peak))
+        x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        xc = _center(x, weights).mul_(inv_scale[..., None, None])
         n, d = xc.shape[-2:]
         if form == "gram" or (form is None and d > n):
             gram = xc @ xc.mT
-            return cls("gram", gram, torch.linalg.matrix_norm(gram), finite & nonzero)
-        return cls("features", xc, torch.linalg.matrix_norm(xc.mT @ xc), finite & nonzero)
+            return cls("gram", gram, torch.linalg.matrix_norm(gram), finite)
+        return cls("features", xc, torch.linalg.matrix_norm(xc.mT @ xc), finite)
 
     def detach_clone(self) -> CenteredSide:
         """A plain (non-inference) copy, so autograd may save it for the target's backward."""
@@ -465,7 +471,17 @@ class Metric:
 
     def distance_prepared(self, x: Tensor, prepared: Any, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Return ``(distance, ok)``; ``ok`` is False where the pair cannot be measured."""
-        raise NotImplementedError
+        return self.compare(self.prepare_target(x, weights), prepared, weights)
+
+    def prepare_target(self, x: Tensor, weights: Tensor | None = None) -> Any:
+        """Reduce target features once per layer and forward (differentiable); default: keep them."""
+        return x
+
+    def compare(self, target: Any, prepared: Any, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(distance, ok)`` between a :meth:`prepare_target` and a :meth:`prepare` result."""
+        if type(self).distance_prepared is Metric.distance_prepared:
+            raise NotImplementedError(f"{type(self).__name__} must implement compare() or distance_prepared()")
+        return self.distance_prepared(target, prepared, weights)
 
     def clone_prepared(self, prepared: Any) -> Any:
         """Copy a prepared guide value out of inference mode (autograd may save it)."""
@@ -484,11 +500,16 @@ class _LinearCKA(Metric):
     def clone_prepared(self, prepared: CenteredSide) -> CenteredSide:
         return prepared.detach_clone()
 
-    def distance_prepared(
-        self, x: Tensor, prepared: CenteredSide, weights: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
+    def prepare_target(self, x: Tensor, weights: Tensor | None = None) -> tuple[CenteredSide, Tensor]:
         with _no_autocast(x.device.type):
-            value, ok = _linear_cka_sides(CenteredSide.of(x, weights), prepared, _n_ok(x, 2, weights))
+            return CenteredSide.of(x, weights), _n_ok(x, 2, weights)
+
+    def compare(
+        self, target: tuple[CenteredSide, Tensor], prepared: CenteredSide, weights: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        side, n_ok = target
+        with _no_autocast(side.value.device.type):
+            value, ok = _linear_cka_sides(side, prepared, n_ok)
         return 1.0 - value, ok
 
 
