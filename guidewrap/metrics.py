@@ -171,9 +171,16 @@ class CenteredSide:
         finite = torch.isfinite(peak)
         inv_scale = 1.0 / torch.where(finite & (peak > _TINY), peak, torch.ones_like(peak))
         x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        n, d = x.shape[-2:]
+        if (form == "gram" or (form is None and d > n)) and weights is None:
+            # Wide features: one Gram, then double centring in O(n^2) (no pass over n x d).
+            xs = x * inv_scale[..., None, None]
+            gram = xs @ xs.mT
+            row = gram.mean(-1, keepdim=True)
+            gram = gram - row - row.mT + row.mean(-2, keepdim=True)
+            return cls("gram", gram, torch.linalg.matrix_norm(gram), finite)
         xc = _center(x, weights).mul_(inv_scale[..., None, None])
-        n, d = xc.shape[-2:]
-        if form == "gram" or (form is None and d > n):
+        if form == "gram" or d > n:
             gram = xc @ xc.mT
             return cls("gram", gram, torch.linalg.matrix_norm(gram), finite)
         return cls("features", xc, torch.linalg.matrix_norm(xc.mT @ xc), finite)
