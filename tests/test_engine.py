@@ -22,8 +22,12 @@ from guidewrap import (
 from tests.conftest import RNNLM, mlp, small_cnn, transformer_lm
 
 
-def _train(guided: nn.Module, steps: int, x: torch.Tensor, y: torch.Tensor, lr: float = 0.05) -> list[float]:
+def _train(
+    guided: nn.Module, steps: int, x: torch.Tensor, y: torch.Tensor, lr: float = 0.05, opt_state: dict | None = None
+) -> list[float]:
     opt = torch.optim.SGD(guided.parameters(), lr=lr)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
     losses = []
     for _ in range(steps):
         loss = nn.functional.cross_entropy(guided(x), y) + guided.alignment_loss
@@ -397,24 +401,8 @@ def test_resume_continues_the_window(tmp_path) -> None:
     resumed = GuidedModel(mlp(), guide, until_step=5)
     resumed.load_state_dict(ckpt["model"])
     assert resumed.step_count == 3
-    losses += _train_with_state(resumed, ckpt["opt"], 7, x, y)
+    losses += _train(resumed, 7, x, y, opt_state=ckpt["opt"])
     assert losses == pytest.approx(losses_straight, rel=1e-6)
-
-
-def _train_with_state(
-    guided: GuidedModel, opt_state: dict, steps: int, x: torch.Tensor, y: torch.Tensor
-) -> list[float]:
-    opt = torch.optim.SGD(guided.parameters(), lr=0.05)
-    opt.load_state_dict(opt_state)
-    out = []
-    for _ in range(steps):
-        loss = nn.functional.cross_entropy(guided(x), y) + guided.alignment_loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        guided.step()
-        out.append(loss.item())
-    return out
 
 
 # ---------------------------------------------------------------- guide inputs and sequences
