@@ -45,7 +45,7 @@ def _capture(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, t
     return out
 
 
-def main(batch: int = 256, reps: int = 5, depth: int = 24) -> dict[str, float]:
+def main(batch: int = 256, reps: int = 9, depth: int = 24) -> dict[str, float]:
     torch.manual_seed(0)
     target = deep_fcn(depth)
     guide = torchvision.models.resnet18(weights=None, num_classes=10)
@@ -105,6 +105,6 @@ def main(batch: int = 256, reps: int = 5, depth: int = 24) -> dict[str, float]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=9)
     args = parser.parse_args()
     main(args.batch, args.reps)

@@ -435,40 +435,51 @@ class GuidanceEngine:
         return loss
 
     def _compute(self, weight: float) -> Tensor:
-        plan = self._plan
-        assert plan is not None  # noqa: S101 - internal invariant, set by _prepare_guide
-        distances: list[Tensor] = []
-        oks: list[Tensor] = []
-        missing: list[str] = []
-        target_sides: dict[tuple[str, str], Any] = {}  # each target layer is reduced once per forward
-        for pair in plan:
+        assert self._plan is not None  # noqa: S101 - internal invariant, set by _prepare_guide
+        plan = list(self._plan)
+        results: list[tuple[Tensor, Tensor] | None] = [None] * len(plan)
+        missing: set[str] = set()
+        shaped: dict[tuple[str, str], tuple[Tensor, Tensor | None]] = {}  # target features, once per layer
+        groups: dict[Any, list[int]] = {}
+        for i, pair in enumerate(plan):
             raw = self._target_out.get(pair.target.name)
             prepared = self._prepared.get((pair.guide.name, pair.mode))
             tensor, lengths = extract(raw) if raw is not None else (None, None)
             if tensor is None or prepared is None or pair.target.batch_dim is None:
-                missing.append(pair.key)
-                distances.append(torch.ones(()))
-                oks.append(torch.zeros((), dtype=torch.bool))
+                missing.add(pair.key)
+                results[i] = (torch.ones(()), torch.zeros((), dtype=torch.bool))
                 continue
             key = (pair.target.name, pair.mode)
-            if key not in target_sides:
+            if key not in shaped:
                 mask = self._mask if lengths is None else lengths_to_mask(lengths, tensor.shape[1], tensor.device)
                 x, w = features(tensor, pair.target.batch_dim, pair.mode, mask, pair.target.channels_first)
-                x, w = self._gather(x, w, differentiable=True)
-                target_sides[key] = (self.metric.prepare_target(x, w), w, x.shape[:-2])
-            side, w, batch_shape = target_sides[key]
-            distance, ok = self.metric.compare(side, prepared, w)
-            if not isinstance(distance, Tensor) or distance.shape != batch_shape:
-                shape = tuple(distance.shape) if isinstance(distance, Tensor) else type(distance).__name__
-                raise MetricError(
-                    f"metric {self.metric.name!r} returned {shape} for pair {pair.key}; expected a 0-dim tensor"
-                )
-            if distance.dim():  # token-wise: mean over the positions that could be measured
-                okf = ok.to(distance.dtype)
-                distance = torch.where(ok, distance, torch.zeros_like(distance)).sum() / okf.sum().clamp_min(1.0)
-                ok = ok.any()
-            distances.append(distance.float())
-            oks.append(ok)
+                shaped[key] = self._gather(x, w, differentiable=True)
+            x, w = shaped[key]
+            batch_key = self.metric.batch_key(prepared) if w is None else None
+            group = (tuple(x.shape), x.dtype, x.device, batch_key) if batch_key is not None else i
+            groups.setdefault(group, []).append(i)
+        target_sides: dict[tuple[str, str], Any] = {}  # each target layer is reduced once per forward
+        for members in groups.values():
+            if len(members) > 1:  # same shapes: one batched problem, n x n work in few kernels
+                pairs = [plan[i] for i in members]
+                side = self.metric.prepare_target_many([shaped[(p.target.name, p.mode)][0] for p in pairs])
+                prepared = self.metric.stack_prepared([self._prepared[(p.guide.name, p.mode)] for p in pairs])
+                distance, ok = self.metric.compare(side, prepared, None)
+                x = shaped[(pairs[0].target.name, pairs[0].mode)][0]
+                self._check_distance(distance, (len(members), *x.shape[:-2]), pairs[0].key)
+                for j, i in enumerate(members):
+                    results[i] = self._reduce_positions(distance[j], ok[j])
+                continue
+            pair = plan[members[0]]
+            key = (pair.target.name, pair.mode)
+            x, w = shaped[key]
+            if key not in target_sides:
+                target_sides[key] = self.metric.prepare_target(x, w)
+            distance, ok = self.metric.compare(target_sides[key], self._prepared[(pair.guide.name, pair.mode)], w)
+            self._check_distance(distance, tuple(x.shape[:-2]), pair.key)
+            results[members[0]] = self._reduce_positions(distance, ok)
+        distances = [r[0] for r in results if r is not None]
+        oks = [r[1] for r in results if r is not None]
         device = next((d.device for d in distances if d.requires_grad), distances[0].device)
         stacked = torch.stack([d.to(device) for d in distances])
         ok_all = torch.stack([o.to(device) for o in oks]) & torch.isfinite(stacked.detach())
@@ -487,6 +498,19 @@ class GuidanceEngine:
                     stacklevel=4,
                 )
         return loss
+
+    def _check_distance(self, distance: Any, expected: tuple[int, ...], key: str) -> None:
+        if not isinstance(distance, Tensor) or tuple(distance.shape) != expected:
+            shape = tuple(distance.shape) if isinstance(distance, Tensor) else type(distance).__name__
+            raise MetricError(f"metric {self.metric.name!r} returned {shape} for pair {key}; expected a 0-dim tensor")
+
+    @staticmethod
+    def _reduce_positions(distance: Tensor, ok: Tensor) -> tuple[Tensor, Tensor]:
+        if distance.dim():  # token-wise: mean over the positions that could be measured
+            okf = ok.to(distance.dtype)
+            distance = torch.where(ok, distance, torch.zeros_like(distance)).sum() / okf.sum().clamp_min(1.0)
+            ok = ok.any()
+        return distance.float(), ok
 
     # ------------------------------------------------------------------ distributed
 

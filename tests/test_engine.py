@@ -60,6 +60,37 @@ def test_wrapper_returns_target_output_and_adds_term() -> None:
     assert all(isinstance(v, float) and 0 <= v <= 1 for v in guided.last_alignment.values())
 
 
+@pytest.mark.parametrize("width", [6, 40])  # features form (d <= n) and Gram form (d > n)
+def test_batched_pairs_equal_per_pair_cka(width: int) -> None:
+    # Same-shaped pairs run as one batched problem; loss and gradients must match pair by pair.
+    from guidewrap.metrics import linear_cka
+
+    torch.manual_seed(0)
+    target, guide = mlp(width=width, depth=4), mlp(width=width + 3, depth=4)
+    guided = GuidedModel(target, guide)
+    x = torch.randn(24, 8)
+    guided(x)
+    guided.alignment_loss.backward()
+    batched = {n: p.grad.clone() for n, p in target.named_parameters() if p.grad is not None}
+    assert len(batched) >= 6
+    target.zero_grad()
+    t_mods, g_mods = dict(target.named_modules()), dict(guide.named_modules())
+    t_out, g_out = {}, {}
+    for p in guided.plan():
+        t_mods[p.target.name].register_forward_hook(lambda m, i, o, k=p.target.name: t_out.__setitem__(k, o))
+        g_mods[p.guide.name].register_forward_hook(lambda m, i, o, k=p.guide.name: g_out.__setitem__(k, o))
+    target(x)
+    with torch.no_grad():
+        guide(x)
+    manual = sum(1 - linear_cka(t_out[p.target.name], g_out[p.guide.name]) for p in guided.plan())
+    assert len(guided.plan()) >= 3
+    assert guided.alignment_loss.item() == pytest.approx(manual.item(), rel=1e-5)
+    manual.backward()
+    for name, param in target.named_parameters():
+        if name in batched:
+            torch.testing.assert_close(batched[name], param.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_guide_not_in_parameters_or_state_dict_and_attributes_forwarded(tmp_path) -> None:
     target, guide = mlp(), mlp(width=12)
     guided = GuidedModel(target, guide)
