@@ -22,6 +22,9 @@ test: lint
 demo: $(STAMP)
 	$(VENV)/bin/guidewrap demo
 
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -q -d build/site
+
 wheel-check: $(STAMP)
 	rm -rf build/wheel && $(PY) -m pip wheel -q --no-deps . -w build/wheel
 	$(PY) -c "import sys, zipfile, glob; names = zipfile.ZipFile(glob.glob('build/wheel/guidewrap-*.whl')[0]).namelist(); \

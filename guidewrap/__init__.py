@@ -1,6 +1,6 @@
 """guidewrap: guidance (representational alignment to a frozen guide network) for any PyTorch loop.
 
-Example:
+Examples:
     >>> import torch, guidewrap
     >>> target = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
     >>> guide = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
@@ -10,6 +10,7 @@ Example:
     True
 """
 
+from .analysis import SimilarityMatrix, similarity_matrix
 from .config import GuidanceConfig
 from .context import Guidance
 from .errors import (
@@ -54,6 +55,8 @@ __all__ = [
     "LayerPlan",
     "list_layers",
     "unwrap_model",
+    "similarity_matrix",
+    "SimilarityMatrix",
     "linear_cka",
     "debiased_cka",
     "rbf_cka",

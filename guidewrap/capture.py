@@ -5,7 +5,7 @@ A hooked module may return a tensor, a tuple (``nn.LSTM`` returns ``(output, (h,
 Hugging Face ``ModelOutput``. :func:`extract` finds the activation and :func:`features`
 moves the batch dimension first and shapes it for the chosen sequence mode.
 
-Example:
+Examples:
     >>> import torch
     >>> out, lengths = extract((torch.zeros(4, 7, 3), torch.zeros(1, 4, 3)))
     >>> tuple(out.shape), lengths is None
@@ -34,7 +34,7 @@ def extract(output: Any) -> tuple[Tensor | None, Tensor | None]:
 
     ``(None, None)`` means the output holds no floating-point tensor.
 
-    Example:
+    Examples:
         >>> import torch
         >>> extract({"last_hidden_state": torch.ones(2, 3)})[0].shape
         torch.Size([2, 3])
@@ -61,7 +61,7 @@ def find_batch_dim(t: Tensor, n: int, batch_first: bool | None) -> int | None:
     ``batch_first=False`` (an ``nn.RNN`` / transformer layer built sequence-first) prefers
     dimension 1 when it has size ``n``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> find_batch_dim(torch.zeros(7, 4, 3), 4, batch_first=False)
         1
@@ -96,7 +96,7 @@ def features(
     ``mask`` is an ``(n, T)`` 0/1 padding mask; padded positions are zeroed (flatten), left
     out of the mean (mean) or excluded from each position's CKA (tokenwise).
 
-    Example:
+    Examples:
         >>> import torch
         >>> x, w = features(torch.ones(2, 5, 3), 0, "tokenwise")
         >>> tuple(x.shape), w is None

@@ -1,36 +1,253 @@
-"""The ``guidewrap`` command line."""
+"""The ``guidewrap`` command line: ``demo``, ``plan`` and ``similarity``.
+
+Examples:
+    >>> main(["plan", "guidewrap.experiments.mnist1d:deep_mlp", "guidewrap.experiments.mnist1d:cnn1d",
+    ...       "--target-args", "depth=2,width=8", "--guide-args", "depth=2,channels=4",
+    ...       "--input-shape", "16,40"])  # doctest: +ELLIPSIS
+    guidance plan: 2 pairs
+    ...
+    0
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+import time
+from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
+
+
+class CommandError(Exception):
+    """A bad command-line argument (printed without a traceback)."""
+
+
+# --------------------------------------------------------------------------- model arguments
+
+
+def _load_model(spec: str, args: str | None) -> Any:
+    """Build a model from ``module:callable`` with comma-separated integer/word arguments."""
+    if ":" not in spec:
+        raise CommandError(f"model {spec!r} must be written module:callable, e.g. torchvision.models:resnet18")
+    module_name, attr = spec.split(":", 1)
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except ImportError as exc:
+        raise CommandError(f"cannot import module {module_name!r} for {spec!r}: {exc}") from exc
+    except AttributeError as exc:
+        raise CommandError(f"module {module_name!r} has no attribute {attr!r}") from exc
+    positional: list[Any] = []
+    keywords: dict[str, Any] = {}
+    for item in filter(None, (args or "").split(",")):
+        key, _, value = item.partition("=")
+        parsed = _parse_value(value if _ else key)
+        if _:
+            keywords[key] = parsed
+        else:
+            positional.append(parsed)
+    if module_name.startswith("torchvision.models") and "weights" not in keywords:
+        keywords["weights"] = None  # never download weights
+    try:
+        return factory(*positional, **keywords)
+    except TypeError as exc:
+        raise CommandError(f"cannot build {spec} with ({args or ''}): {exc}") from exc
+
+
+def _parse_value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"None": None, "True": True, "False": False}.get(text, text)
+
+
+def _example_input(shape: str, dtype: str, high: int) -> Any:
+    import torch
+
+    try:
+        dims = [int(d) for d in shape.split(",")]
+    except ValueError as exc:
+        raise CommandError(f"--input-shape must be comma-separated integers like 8,3,32,32, got {shape!r}") from exc
+    if len(dims) < 1 or any(d < 1 for d in dims):
+        raise CommandError(f"--input-shape needs positive sizes, got {shape!r}")
+    if dtype == "long":
+        return torch.randint(0, high, dims)
+    return torch.randn(dims)
+
+
+def _add_model_args(parser: argparse.ArgumentParser, a: str, b: str) -> None:
+    parser.add_argument(a, help="module:callable building the first model, e.g. torchvision.models:resnet18")
+    parser.add_argument(b, help="module:callable building the second model")
+    parser.add_argument("--target-args", "--a-args", dest="a_args", help="arguments for the first, e.g. num_classes=10")
+    parser.add_argument("--guide-args", "--b-args", dest="b_args", help="arguments for the second")
+    parser.add_argument("--input-shape", default="8,3,32,32", help="example input shape (default 8,3,32,32)")
+    parser.add_argument("--input-dtype", choices=["float", "long"], default="float", help="long for token ids")
+    parser.add_argument("--vocab", type=int, default=100, help="token ids are drawn below this (with long)")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .model import GuidedModel
+
+    target, guide = _load_model(args.target, args.a_args), _load_model(args.guide, args.b_args)
+    x = _example_input(args.input_shape, args.input_dtype, args.vocab)
+    plan = GuidedModel(target, guide, exclude_output_layer=not args.keep_output_layer).plan(x)
+    print(plan)
+    return 0
+
+
+def _cmd_similarity(args: argparse.Namespace) -> int:
+    from .analysis import similarity_matrix
+
+    model_a, model_b = _load_model(args.model_a, args.a_args), _load_model(args.model_b, args.b_args)
+    model_a.eval()
+    model_b.eval()
+    x = _example_input(args.input_shape, args.input_dtype, args.vocab)
+    matrix = similarity_matrix(model_a, model_b, x, metric=args.metric)
+    print(matrix)
+    path = matrix.save_png(args.out, title=f"{args.metric}: {args.model_a} vs {args.model_b}", xlabel="B", ylabel="A")
+    print(f"heatmap written to {path}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .experiments.mnist1d import DESCRIPTIONS, VARIANTS, load_mnist1d, train_variant
+
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as exc:  # pragma: no cover - exercised only without the extra
+        raise CommandError("the demo needs the examples extra: pip install 'guidewrap[examples]'") from exc
+    variants = args.variants or list(VARIANTS)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise CommandError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    if args.steps < 1 or args.samples < 100:
+        raise CommandError("--steps must be >= 1 and --samples >= 100")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"MNIST-1D ({args.samples} samples, generated locally), deep MLP (8 x 256) vs an untrained 1-D CNN guide")
+    data = load_mnist1d(num_samples=args.samples)
+    results = []
+    start = time.perf_counter()
+    for seed in args.seeds:
+        for variant in variants:
+            with tqdm(total=args.steps, desc=f"seed {seed} {variant:<9}", leave=False, disable=args.quiet) as bar:
+                results.append(train_variant(variant, data, seed=seed, steps=args.steps, progress=bar.update))
+    elapsed = time.perf_counter() - start
+    table = _demo_table(results, variants, DESCRIPTIONS)
+    print(table)
+    (out / "results.md").write_text(table + "\n", encoding="utf-8")
+    png = _demo_plot(results, variants, out / "curves.png")
+    print(f"{len(results)} runs in {elapsed:.0f} s; table in {out / 'results.md'}, curves in {png}")
+    return 0
+
+
+def _demo_table(results: list[Any], variants: list[str], descriptions: dict[str, str]) -> str:
+    import statistics
+
+    def fmt(values: list[float]) -> str:
+        mean = statistics.fmean(values)
+        return f"{mean:.3f} +- {statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}"
+
+    lines = [
+        "| variant | what | train acc | test acc | gap (train - test) |",
+        "|---|---|---|---|---|",
+    ]
+    for variant in variants:
+        rows = [r for r in results if r.variant == variant]
+        lines.append(
+            f"| {variant} | {descriptions[variant]} | {fmt([r.train_acc for r in rows])} | "
+            f"{fmt([r.test_acc for r in rows])} | {fmt([r.gap for r in rows])} |"
+        )
+    seeds = sorted({r.seed for r in results})
+    lines.append(f"\nseeds: {', '.join(map(str, seeds))}; mean +- std over seeds where more than one")
+    return "\n".join(lines)
+
+
+def _demo_plot(results: list[Any], variants: list[str], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    colors = dict(zip(variants, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    for r in results:
+        steps = [c[0] for c in r.curve]
+        label = r.variant if r.seed == results[0].seed else None
+        axes[0].plot(steps, [c[1] for c in r.curve], color=colors[r.variant], label=label, alpha=0.8)
+        axes[1].plot(steps, [c[2] for c in r.curve], color=colors[r.variant], label=label, alpha=0.8)
+    for ax, title in zip(axes, ("train accuracy", "test accuracy"), strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="guidewrap", description="Guidance for PyTorch training loops.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command")
+
+    demo = sub.add_parser("demo", help="deep MLP alone / guided / pre-aligned / distilled on MNIST-1D (offline)")
+    demo.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to run (default 0)")
+    demo.add_argument("--steps", type=int, default=2000, help="training steps per run (default 2000)")
+    demo.add_argument("--samples", type=int, default=10_000, help="MNIST-1D samples, 80%% train (default 10000)")
+    demo.add_argument("--variants", nargs="+", help="subset of: baseline guided pre_align distill")
+    demo.add_argument("--out", default="guidewrap-demo", help="output folder for the table and PNG")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(func=_cmd_demo)
+
+    plan = sub.add_parser("plan", help="print the layer pairs guidance would align for two models")
+    _add_model_args(plan, "target", "guide")
+    plan.add_argument("--keep-output-layer", action="store_true", help="also pair the output (logits) layers")
+    plan.set_defaults(func=_cmd_plan)
+
+    sim = sub.add_parser("similarity", help="CKA between every hookable layer of two models, as a heatmap PNG")
+    _add_model_args(sim, "model_a", "model_b")
+    sim.add_argument("--metric", default="cka", help="alignment measure (default cka)")
+    sim.add_argument("--out", default="similarity.png", help="PNG path (default similarity.png)")
+    sim.set_defaults(func=_cmd_similarity)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``guidewrap`` console script.
 
-    Example:
+    Examples:
         >>> main(["--version"])  # doctest: +ELLIPSIS
         guidewrap ...
         0
     """
     from . import __version__
+    from .errors import GuidewrapError
 
-    parser = argparse.ArgumentParser(prog="guidewrap", description="Guidance for PyTorch training loops.")
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command")
-    sub.add_parser("demo", help="train a deep MLP with and without guidance on MNIST-1D (offline)")
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
         print(f"guidewrap {__version__}")
         return 0
-    if args.command == "demo":
-        print("guidewrap demo is not yet built (tracked in the reproduction issue); the library itself works.")
+    if args.command is None:
+        parser.print_help()
         return 0
-    parser.print_help()
-    return 0
+    try:
+        return int(args.func(args))
+    except (CommandError, GuidewrapError) as exc:
+        print(f"guidewrap {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

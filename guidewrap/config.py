@@ -1,6 +1,6 @@
 """All guidance settings in one validated dataclass.
 
-Example:
+Examples:
     >>> cfg = GuidanceConfig(until_step=300, decay="cosine")
     >>> cfg.schedule().weight_at(150)
     0.5
@@ -58,7 +58,7 @@ class GuidanceConfig:
         mask_key: keyword argument holding the ``(n, T)`` padding mask.
         strict_guide: raise instead of freezing a guide whose parameters require gradients.
 
-    Example:
+    Examples:
         >>> GuidanceConfig(layers=[("fc1", "conv1")]).layers
         [('fc1', 'conv1')]
     """
@@ -111,7 +111,7 @@ class GuidanceConfig:
     def build(cls, config: GuidanceConfig | None = None, **overrides: Any) -> GuidanceConfig:
         """A config from an optional base plus keyword overrides; unknown keys fail with suggestions.
 
-        Example:
+        Examples:
             >>> GuidanceConfig.build(weight=0.5).weight
             0.5
         """

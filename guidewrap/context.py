@@ -1,6 +1,6 @@
 """``Guidance``: the same guidance as a context manager, with hooks on an unwrapped target.
 
-Example:
+Examples:
     >>> import torch
     >>> from guidewrap import Guidance
     >>> target = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
@@ -38,7 +38,7 @@ class Guidance:
     term (also added to ``output.loss`` when the target returns one). ``target`` may be
     wrapped in DDP or ``torch.compile``; layer names refer to the unwrapped model.
 
-    Example:
+    Examples:
         >>> import torch
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
         >>> guide = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))

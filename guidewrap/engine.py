@@ -7,7 +7,7 @@ its planned layers keep a reference to their outputs; after the forward the per-
 distances are summed into the weighted alignment term. Outside the guidance window the guide
 is not run and, once the window is over, the target's hooks are removed.
 
-Example:
+Examples:
     >>> import torch
     >>> from guidewrap.config import GuidanceConfig
     >>> target = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -42,7 +42,7 @@ from .errors import (
     PlanNotReadyError,
     SkippedPairWarning,
 )
-from .inputs import filter_kwargs, first_tensor, make_noise, normalize_call, vocab_size_of
+from .inputs import first_tensor, fit_call, make_noise, normalize_call, vocab_size_of
 from .layers import DEFAULT_LAYER_TYPES, LayerPlan, build_plan, probe, resolve_names
 from .utils import unwrap_model
 
@@ -57,7 +57,7 @@ class GuidanceEngine:
     Users normally reach it through :class:`~guidewrap.GuidedModel` or
     :class:`~guidewrap.Guidance`; integrations drive it directly.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from guidewrap.config import GuidanceConfig
         >>> t, g = torch.nn.Linear(3, 3), torch.nn.Linear(3, 5)
@@ -188,6 +188,11 @@ class GuidanceEngine:
     def alignment_loss(self) -> Tensor:
         """Weighted alignment term of the last forward (0 when guidance was off)."""
         return self._loss if self._loss is not None else torch.zeros(())
+
+    @property
+    def has_term(self) -> bool:
+        """Whether the last forward was guided (its alignment term is available)."""
+        return self._loss is not None
 
     @property
     def hook_count(self) -> int:
@@ -325,7 +330,7 @@ class GuidanceEngine:
                 f"the guide's input has {g_n} samples but the target's has {n}; CKA compares the same samples, "
                 "so a guide_inputs adapter must keep the batch size"
             )
-        return g_args, filter_kwargs(self.guide.forward, g_kwargs)
+        return fit_call(self.guide.forward, tuple(g_args), g_kwargs)
 
     def _noise_call(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Call:
         sizes = [s for s in (vocab_size_of(self.target), vocab_size_of(self.guide)) if s is not None]

@@ -5,7 +5,7 @@ caller would naturally catch (``KeyError`` for an unknown layer, ``ValueError`` 
 value, ...), so ``except ValueError`` keeps working while ``except GuidewrapError``
 catches everything this library raises.
 
-Example:
+Examples:
     >>> from guidewrap.errors import GuidewrapError, ConfigError
     >>> try:
     ...     raise ConfigError("weight must be >= 0, got -1.0")
@@ -38,7 +38,7 @@ __all__ = [
 class GuidewrapError(Exception):
     """Base class of every error raised by guidewrap.
 
-    Example:
+    Examples:
         >>> issubclass(LayerNotFoundError, GuidewrapError)
         True
     """
@@ -47,7 +47,7 @@ class GuidewrapError(Exception):
 class ConfigError(GuidewrapError, ValueError):
     """A setting has a bad value (negative weight, start after stop, unknown option).
 
-    Example:
+    Examples:
         >>> ConfigError("until_step (3) must be greater than start_step (5)").args[0][:10]
         'until_step'
     """
@@ -58,7 +58,7 @@ class LayerNotFoundError(GuidewrapError, KeyError):
 
     The message lists close matches and how to list valid names.
 
-    Example:
+    Examples:
         >>> err = LayerNotFoundError("no layer 'fc9'")
         >>> isinstance(err, KeyError)
         True
@@ -71,7 +71,7 @@ class LayerNotFoundError(GuidewrapError, KeyError):
 class EmptyPlanError(GuidewrapError, ValueError):
     """Layer matching produced no pair to align.
 
-    Example:
+    Examples:
         >>> isinstance(EmptyPlanError("no pairs"), ValueError)
         True
     """
@@ -80,7 +80,7 @@ class EmptyPlanError(GuidewrapError, ValueError):
 class BatchSizeMismatchError(GuidewrapError, ValueError):
     """Target and guide features have different numbers of samples.
 
-    Example:
+    Examples:
         >>> isinstance(BatchSizeMismatchError("n differs"), ValueError)
         True
     """
@@ -89,7 +89,7 @@ class BatchSizeMismatchError(GuidewrapError, ValueError):
 class NoBatchDimensionError(GuidewrapError, ValueError):
     """An explicitly requested layer returns an output with no batch dimension.
 
-    Example:
+    Examples:
         >>> isinstance(NoBatchDimensionError("no batch dim"), ValueError)
         True
     """
@@ -98,7 +98,7 @@ class NoBatchDimensionError(GuidewrapError, ValueError):
 class ShapeMismatchError(GuidewrapError, ValueError):
     """Feature matrices given to a metric have incompatible shapes.
 
-    Example:
+    Examples:
         >>> isinstance(ShapeMismatchError("x is 3-D"), ValueError)
         True
     """
@@ -107,7 +107,7 @@ class ShapeMismatchError(GuidewrapError, ValueError):
 class GuideRequiresGradError(GuidewrapError, ValueError):
     """A guide whose parameters require gradients was passed with ``strict_guide=True``.
 
-    Example:
+    Examples:
         >>> isinstance(GuideRequiresGradError("guide trains"), ValueError)
         True
     """
@@ -116,7 +116,7 @@ class GuideRequiresGradError(GuidewrapError, ValueError):
 class MetricError(GuidewrapError, TypeError):
     """A metric is unknown, or returned something other than a finite 0-dim tensor.
 
-    Example:
+    Examples:
         >>> isinstance(MetricError("metric returned shape (3,)"), TypeError)
         True
     """
@@ -125,7 +125,7 @@ class MetricError(GuidewrapError, TypeError):
 class NoiseInputError(GuidewrapError, TypeError):
     """Noise inputs cannot be generated for an input of this type.
 
-    Example:
+    Examples:
         >>> isinstance(NoiseInputError("cannot make noise for a str"), TypeError)
         True
     """
@@ -134,7 +134,7 @@ class NoiseInputError(GuidewrapError, TypeError):
 class GuidanceClosedError(GuidewrapError, RuntimeError):
     """A :class:`~guidewrap.Guidance` was used after its ``with`` block ended.
 
-    Example:
+    Examples:
         >>> isinstance(GuidanceClosedError("closed"), RuntimeError)
         True
     """
@@ -143,7 +143,7 @@ class GuidanceClosedError(GuidewrapError, RuntimeError):
 class PlanNotReadyError(GuidewrapError, RuntimeError):
     """The layer plan needs an example input before it can be resolved.
 
-    Example:
+    Examples:
         >>> isinstance(PlanNotReadyError("pass an example"), RuntimeError)
         True
     """
@@ -152,7 +152,7 @@ class PlanNotReadyError(GuidewrapError, RuntimeError):
 class GuidewrapWarning(UserWarning):
     """Base class of guidewrap's warnings.
 
-    Example:
+    Examples:
         >>> import warnings
         >>> with warnings.catch_warnings(record=True) as caught:
         ...     warnings.simplefilter("always")
@@ -167,7 +167,7 @@ class DegenerateFeaturesWarning(GuidewrapWarning):
 
     The metric then returns its defined fallback value (similarity 0) with a zero gradient.
 
-    Example:
+    Examples:
         >>> issubclass(DegenerateFeaturesWarning, GuidewrapWarning)
         True
     """
@@ -176,7 +176,7 @@ class DegenerateFeaturesWarning(GuidewrapWarning):
 class SkippedPairWarning(GuidewrapWarning):
     """A layer pair could not be measured this step and was left out of the loss.
 
-    Example:
+    Examples:
         >>> issubclass(SkippedPairWarning, UserWarning)
         True
     """

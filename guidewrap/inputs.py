@@ -1,6 +1,6 @@
 """What the guide sees: the target's batch, noise, or the output of a user's adapter.
 
-Example:
+Examples:
     >>> import torch
     >>> noisy = make_noise({"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.ones(1, 3)}, 50)
     >>> noisy["attention_mask"].tolist(), bool((noisy["input_ids"] < 50).all())
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .errors import NoiseInputError
 
-__all__ = ["make_noise", "vocab_size_of", "normalize_call"]
+__all__ = ["make_noise", "vocab_size_of", "normalize_call", "fit_call"]
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -29,7 +29,7 @@ _KEEP_KEYS = ("token_type_ids", "position_ids")
 def vocab_size_of(model: nn.Module) -> int | None:
     """Vocabulary size of a token model: ``config.vocab_size`` or its first ``nn.Embedding``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> vocab_size_of(torch.nn.Sequential(torch.nn.Embedding(11, 4)))
         11
@@ -48,7 +48,7 @@ def make_noise(value: Any, vocab_size: int | None, key: str | None = None) -> An
     random tokens below ``vocab_size`` for integer tensors; masks become all ones, labels are
     dropped, other Python scalars pass through.
 
-    Example:
+    Examples:
         >>> import torch
         >>> make_noise(torch.zeros(2, 3), None).shape
         torch.Size([2, 3])
@@ -83,7 +83,7 @@ def normalize_call(result: Any) -> Call:
     A tensor becomes one positional argument, a dict keyword arguments, a tuple positional
     arguments; an explicit ``(tuple, dict)`` pair is used as is.
 
-    Example:
+    Examples:
         >>> import torch
         >>> normalize_call({"x": 1})
         ((), {'x': 1})
@@ -114,6 +114,37 @@ def filter_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, A
     if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return kwargs
     return {k: v for k, v in kwargs.items() if k in params}
+
+
+def fit_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
+    """Fit a call made for one network's forward to another's signature.
+
+    Keywords ``fn`` accepts pass by name; training-only keys are dropped; the other keyword
+    values fill ``fn``'s missing required positional parameters in order (a Trainer calls
+    ``target(x=...)``, a guide ``nn.Sequential`` takes ``forward(input)``).
+
+    Examples:
+        >>> import torch
+        >>> fit_call(torch.nn.Linear(2, 2).forward, (), {"x": 1, "labels": 0})
+        ((1,), {})
+    """
+    import inspect
+
+    kwargs = {k: v for k, v in kwargs.items() if k not in TRAINING_ONLY_KEYS}
+    kept = filter_kwargs(fn, kwargs)
+    leftover = [v for k, v in kwargs.items() if k not in kept]
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return args, kept
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    missing = [
+        p
+        for p in params[len(args) :]
+        if p.kind in positional and p.default is inspect.Parameter.empty and p.name not in kept
+    ]
+    fill = leftover[: len(missing)]
+    return tuple(args) + tuple(fill), kept
 
 
 def first_tensor(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Tensor | None:

@@ -7,7 +7,7 @@ unused branch) are therefore never planned. Matching follows the guidance paper:
 ``i``-th layer goes to the target's ``round(i * (n_t - 1) / (n_g - 1))``-th layer, first to
 first and last to last.
 
-Example:
+Examples:
     >>> spread(5, 3)
     [0, 2, 4]
     >>> spread(2, 4)  # more guide layers than target layers: several land on one
@@ -63,7 +63,7 @@ DEFAULT_LAYER_TYPES: tuple[type[nn.Module] | str, ...] = (
 def spread(n_target: int, n_guide: int) -> list[int]:
     """Target index for each guide layer: ``round(i * (n_t - 1) / (n_g - 1))``.
 
-    Example:
+    Examples:
         >>> spread(48, 21)[:4]
         [0, 2, 5, 7]
     """
@@ -75,7 +75,7 @@ def spread(n_target: int, n_guide: int) -> list[int]:
 def list_layers(model: nn.Module) -> list[str]:
     """All layer names of ``model`` (its ``named_modules()`` paths, wrappers stripped).
 
-    Example:
+    Examples:
         >>> import torch
         >>> list_layers(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU()))
         ['0', '1']
@@ -89,7 +89,7 @@ def list_layers(model: nn.Module) -> list[str]:
 class LayerInfo:
     """One hookable layer as seen by the probe forward.
 
-    Example:
+    Examples:
         >>> LayerInfo("fc1", "Linear", (8, 16), batch_dim=0).features
         16
     """
@@ -122,7 +122,7 @@ class LayerInfo:
 class LayerPair:
     """A (target layer, guide layer) pair aligned by the loss.
 
-    Example:
+    Examples:
         >>> t, g = LayerInfo("a", "Linear", (4, 8)), LayerInfo("b", "Conv2d", (4, 2, 3, 3))
         >>> LayerPair(t, g).key
         'a<-b'
@@ -142,7 +142,7 @@ class LayerPair:
 class LayerPlan:
     """The matched layer pairs, plus every layer left out and why. Printing shows a table.
 
-    Example:
+    Examples:
         >>> t, g = LayerInfo("fc", "Linear", (4, 8)), LayerInfo("conv", "Conv2d", (4, 2, 3, 3))
         >>> print(LayerPlan([LayerPair(t, g)]))  # doctest: +NORMALIZE_WHITESPACE
         guidance plan: 1 pair

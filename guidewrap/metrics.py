@@ -13,7 +13,7 @@ Degenerate input never produces NaN or inf: constant or all-zero features, too f
 non-finite values give the fallback similarity 0 (distance 1) with a zero gradient and one
 :class:`~guidewrap.errors.DegenerateFeaturesWarning`.
 
-Example:
+Examples:
     >>> import torch
     >>> from guidewrap.metrics import linear_cka
     >>> x = torch.randn(64, 10)
@@ -214,7 +214,7 @@ class CenteredSide:
     norm of the centred Gram (``sqrt(HSIC(K, K))`` up to a constant) and ``ok`` flags problems
     that can be measured. A guide's activations are reduced to this inside its hook.
 
-    Example:
+    Examples:
         >>> import torch
         >>> side = CenteredSide.of(torch.randn(8, 100))
         >>> side.kind, tuple(side.value.shape)
@@ -246,7 +246,7 @@ class CenteredSide:
     def of_many(cls, xs: list[Tensor], form: str | None = None) -> CenteredSide:
         """Several same-shaped, unweighted feature matrices as one side with a leading ``k`` dim.
 
-        Example:
+        Examples:
             >>> import torch
             >>> side = CenteredSide.of_many([torch.randn(8, 100), torch.randn(8, 100)])
             >>> side.kind, tuple(side.value.shape), tuple(side.norm.shape)
@@ -323,7 +323,7 @@ def linear_cka(x: Tensor, y: Tensor, weights: Tensor | None = None) -> Tensor:
     Returns:
         CKA in ``[0, 1]`` (a 0-dim tensor, or one value per leading index).
 
-    Example:
+    Examples:
         >>> import torch
         >>> x = torch.randn(32, 5)
         >>> round(linear_cka(x, x + 10).item(), 4)  # invariant to translation
@@ -385,7 +385,7 @@ def debiased_cka(x: Tensor, y: Tensor) -> Tensor:
     Less biased than :func:`linear_cka` for small batches with wide features; its value
     can be slightly negative.
 
-    Example:
+    Examples:
         >>> import torch
         >>> x = torch.randn(16, 40)
         >>> round(debiased_cka(x, x).item(), 4)
@@ -439,7 +439,7 @@ def rbf_cka(x: Tensor, y: Tensor, sigma: float = 1.0) -> Tensor:
         y: ``(n, d2)`` guide features.
         sigma: bandwidth as a multiple of the median pairwise distance (median heuristic).
 
-    Example:
+    Examples:
         >>> import torch
         >>> x = torch.randn(20, 6)
         >>> 0.0 <= rbf_cka(x, torch.randn(20, 3)).item() <= 1.0
@@ -486,7 +486,7 @@ def rsa(x: Tensor, y: Tensor) -> Tensor:
 
     Uses the ``n (n - 1) / 2`` off-diagonal entries; needs n >= 3.
 
-    Example:
+    Examples:
         >>> import torch
         >>> x = torch.randn(12, 4)
         >>> round(rsa(x, 2 * x).item(), 4)
@@ -526,7 +526,7 @@ def procrustes_distance(x: Tensor, y: Tensor) -> Tensor:
     0 when ``y`` is a rotation (and rescaling) of ``x``, at most 1. Costs an SVD of the
     ``min(d1, d2)``-sized cross-covariance: prefer CKA for very wide layers.
 
-    Example:
+    Examples:
         >>> import torch
         >>> x = torch.randn(30, 4)
         >>> q = torch.linalg.qr(torch.randn(4, 4))[0]
@@ -549,7 +549,7 @@ class Metric:
     the reduced form is kept) and :meth:`distance_prepared` with the target's features.
     Subclass it, or register any callable ``(x, y) -> distance`` with :func:`register_metric`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> metric = get_metric("cka")
         >>> x = torch.randn(16, 8)
@@ -718,7 +718,7 @@ class CallableMetric(Metric):
     Leading batch dimensions (token-wise mode) are handled by calling it once per index
     and averaging.
 
-    Example:
+    Examples:
         >>> import torch
         >>> metric = CallableMetric(lambda x, y: (x.mean() - y.mean()).abs())
         >>> metric.distance(torch.ones(4, 2), torch.ones(4, 3)).item()
@@ -761,7 +761,7 @@ _REGISTRY: dict[str, Callable[[], Metric]] = {
 def register_metric(name: str, metric: Metric | Callable[[Tensor, Tensor], Tensor]) -> None:
     """Register a metric under ``name`` so configs can refer to it by string.
 
-    Example:
+    Examples:
         >>> import torch
         >>> register_metric("mean_gap", lambda x, y: (x.mean() - y.mean()).abs())
         >>> get_metric("mean_gap").name
@@ -779,7 +779,7 @@ def register_metric(name: str, metric: Metric | Callable[[Tensor, Tensor], Tenso
 def available_metrics() -> list[str]:
     """Names accepted by :func:`get_metric`.
 
-    Example:
+    Examples:
         >>> "cka" in available_metrics()
         True
     """
@@ -789,7 +789,7 @@ def available_metrics() -> list[str]:
 def get_metric(metric: str | Metric | Callable[[Tensor, Tensor], Tensor]) -> Metric:
     """Resolve a metric name, :class:`Metric` or ``(x, y) -> distance`` callable.
 
-    Example:
+    Examples:
         >>> get_metric("rbf_cka").name
         'rbf_cka'
     """

@@ -1,6 +1,6 @@
 """``GuidedModel``: the target wrapped as an ``nn.Module`` that adds the alignment term.
 
-Example:
+Examples:
     >>> import torch
     >>> from guidewrap import GuidedModel
     >>> target = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
@@ -50,7 +50,7 @@ class GuidedModel(nn.Module):
         config: a :class:`~guidewrap.GuidanceConfig`; keyword arguments override its fields.
         optimizer: count window steps from this optimizer's ``step()`` calls.
 
-    Example:
+    Examples:
         >>> import torch
         >>> net, guide = torch.nn.Linear(4, 4), torch.nn.Linear(4, 6)
         >>> guided = GuidedModel(net, guide, until_step=100, exclude_output_layer=False)
@@ -172,7 +172,7 @@ class GuidedModel(nn.Module):
     def plan(self, *example_args: Any, **example_kwargs: Any) -> LayerPlan:
         """The matched layer pairs with feature sizes; pass an example input to resolve it.
 
-        Example:
+        Examples:
             >>> import torch
             >>> t = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
             >>> g = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Linear(5, 2))
@@ -192,7 +192,7 @@ class GuidedModel(nn.Module):
         """Guidance as initialisation: train the target on the alignment loss alone, on noise
         shaped like the example input, for ``steps`` steps. Returns the loss per step.
 
-        Example:
+        Examples:
             >>> import torch
             >>> t = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Linear(16, 2))
             >>> g = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))

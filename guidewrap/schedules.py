@@ -4,7 +4,7 @@ Steps are *optimizer* steps (not micro-batches). Guidance is active for steps
 ``start_step <= step < until_step``; inside the window the weight is constant or decays
 linearly / along a half cosine towards 0 at ``until_step``.
 
-Example:
+Examples:
     >>> s = GuidanceSchedule(weight=2.0, start_step=0, until_step=4, decay="linear")
     >>> [s.weight_at(i) for i in range(5)]
     [2.0, 1.5, 1.0, 0.5, 0.0]
@@ -26,7 +26,7 @@ DECAYS = ("constant", "linear", "cosine")
 class GuidanceSchedule:
     """Weight of the alignment term as a function of the optimizer step.
 
-    Example:
+    Examples:
         >>> GuidanceSchedule(weight=1.0, until_step=10).is_active(10)
         False
     """

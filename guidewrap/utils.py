@@ -1,6 +1,6 @@
 """Small helpers: optional-dependency checks and unwrapping of parallel/compile wrappers.
 
-Example:
+Examples:
     >>> import torch
     >>> from guidewrap.utils import unwrap_model
     >>> net = torch.nn.Linear(2, 2)
@@ -31,7 +31,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     Layer names are always resolved on the unwrapped model, so the names a user reads from
     ``model.named_modules()`` before wrapping keep working after it.
 
-    Example:
+    Examples:
         >>> import torch
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2))
         >>> unwrap_model(net) is net
@@ -56,7 +56,7 @@ def _available(name: str) -> bool:
 def is_transformers_available() -> bool:
     """Whether Hugging Face ``transformers`` can be imported (without importing it).
 
-    Example:
+    Examples:
         >>> isinstance(is_transformers_available(), bool)
         True
     """
@@ -66,7 +66,7 @@ def is_transformers_available() -> bool:
 def is_accelerate_available() -> bool:
     """Whether ``accelerate`` can be imported (without importing it).
 
-    Example:
+    Examples:
         >>> isinstance(is_accelerate_available(), bool)
         True
     """
@@ -76,7 +76,7 @@ def is_accelerate_available() -> bool:
 def is_datasets_available() -> bool:
     """Whether ``datasets`` can be imported (without importing it).
 
-    Example:
+    Examples:
         >>> isinstance(is_datasets_available(), bool)
         True
     """
@@ -86,7 +86,7 @@ def is_datasets_available() -> bool:
 def is_torchvision_available() -> bool:
     """Whether ``torchvision`` can be imported (without importing it).
 
-    Example:
+    Examples:
         >>> isinstance(is_torchvision_available(), bool)
         True
     """

@@ -4,7 +4,7 @@ Input = the sequence, COPY, as many blanks, then EOS (padded to the batch's long
 target = ignored during the sequence, then the sequence, then EOS. Accuracy is token accuracy
 on the positions to reproduce. The target is a stack of tanh RNNs; the guide a Transformer.
 
-Example:
+Examples:
     >>> task = CopyPasteTask(min_len=2, max_len=2, symbols=3)
     >>> b = task.sample(1, seed=1)
     >>> b["input_ids"].shape, int((b["labels"] >= 0).sum())

@@ -1,0 +1,93 @@
+"""Accelerate: prepare(GuidedModel), accumulation, mixed precision, save_state/load_state, wrappers."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+accelerate = pytest.importorskip("accelerate")
+from accelerate import Accelerator  # noqa: E402
+
+from guidewrap import GuidedModel, unwrap_model  # noqa: E402
+from tests.conftest import mlp  # noqa: E402
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "accelerate_loop.py"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():  # noqa: ANN202
+    # Accelerator state is a process-wide singleton; each test picks its own precision.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _example():  # noqa: ANN202
+    spec = importlib.util.spec_from_file_location("accelerate_loop", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_accelerate_example_smoke(precision: str) -> None:
+    result = _example().main(smoke=True, mixed_precision=precision)
+    assert math.isfinite(result["loss"]) and result["peak_guidance_loss"] > 0
+    assert result["guidance_weight"] == 0.0  # the window (2 optimizer steps) is over
+    assert result["guidance_steps"] == 4  # optimizer steps, not the 8 accumulated micro-batches
+
+
+def test_save_state_load_state_restores_the_step_counter(tmp_path: Path) -> None:
+    accelerator = Accelerator(cpu=True)
+    target, guide = mlp(), mlp(width=12)
+    optimizer = torch.optim.SGD(target.parameters(), lr=0.1)
+    guided = GuidedModel(target, guide, until_step=10, optimizer=optimizer)
+    model, optimizer = accelerator.prepare(guided, optimizer)
+    for _ in range(3):
+        loss = model(torch.randn(16, 8)).sum() + guided.alignment_loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert guided.step_count == 3
+    accelerator.save_state(str(tmp_path))
+    fresh_accelerator = Accelerator(cpu=True)
+    target2 = mlp()
+    optimizer2 = torch.optim.SGD(target2.parameters(), lr=0.1)
+    guided2 = GuidedModel(target2, mlp(width=12), until_step=10, optimizer=optimizer2)
+    fresh_accelerator.prepare(guided2, optimizer2)
+    fresh_accelerator.load_state(str(tmp_path))
+    assert guided2.step_count == 3
+    for a, b in zip(target.parameters(), target2.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_bf16_autocast_keeps_values_finite() -> None:
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    target, guide = mlp(width=64, depth=4), mlp(width=48, depth=4)
+    optimizer = torch.optim.Adam(target.parameters(), lr=1e-3)
+    guided = GuidedModel(target, guide, optimizer=optimizer)
+    model, optimizer = accelerator.prepare(guided, optimizer)
+    for _ in range(3):
+        out = model(torch.randn(32, 8))
+        loss = nn.functional.cross_entropy(out.float(), torch.randint(0, 3, (32,))) + guided.alignment_loss
+        assert torch.isfinite(loss)
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert guided.last_alignment and all(math.isfinite(v) for v in guided.last_alignment.values())
+
+
+def test_layer_names_resolve_through_compile_and_ddp_style_wrappers() -> None:
+    target, guide = mlp(), mlp(width=12)
+    compiled = torch.compile(target)
+    wrapped = nn.DataParallel(compiled)  # DDP keeps the model under .module the same way
+    assert unwrap_model(wrapped) is target
+    plan = GuidedModel(wrapped, guide, layers=[("0", "0"), ("2", "2")]).plan(torch.randn(8, 8))
+    assert [(p.target.name, p.guide.name) for p in plan] == [("0", "0"), ("2", "2")]
