@@ -1,16 +1,43 @@
-"""Examples run end to end at small size."""
+"""Every example runs end to end in its smoke setting and prints its results table."""
 
 from __future__ import annotations
 
 import importlib.util
 import math
+import sys
 from pathlib import Path
+
+import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def test_plain_loop_example_runs() -> None:
-    spec = importlib.util.spec_from_file_location("plain_loop", EXAMPLES / "plain_loop.py")
+def _load(name: str):  # noqa: ANN202
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
-    assert math.isfinite(module.main(steps=6, batch=16))
+    return module
+
+
+def test_plain_loop_example_runs() -> None:
+    assert math.isfinite(_load("plain_loop").main(steps=6, batch=16))
+
+
+@pytest.mark.parametrize(
+    ("name", "column"),
+    [
+        ("fcn_guided_by_resnet", "test acc"),
+        ("deep_convnet_guided_by_resnet", "test acc"),
+        ("copy_paste", "accuracy"),
+        ("parity", "accuracy"),
+        ("language_modelling", "perplexity"),
+        ("guidance_vs_distillation", "test acc"),
+        ("lstm_guided_by_minilm", "perplexity"),
+    ],
+)
+def test_experiment_example_smoke(name: str, column: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = _load(name).main(smoke=True)
+    assert len(rows) >= 2 and all(math.isfinite(row[column]) for row in rows)
+    table = capsys.readouterr().out
+    assert f" {column} |" in table and "|---|" in table  # the results table was printed

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..model import GuidedModel
+from .common import distillation_loss
 
 __all__ = ["VARIANTS", "load_mnist1d", "deep_mlp", "cnn1d", "distillation_loss", "RunResult", "train_variant"]
 
@@ -88,19 +89,6 @@ def cnn1d(depth: int = 6, channels: int = 32, length: int = 40, classes: int = 1
         layers += [nn.Conv1d(1 if i == 0 else channels, channels, 3, stride=stride, padding=1), nn.ReLU()]
         length = (length - 1) // stride + 1
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels * length, classes))
-
-
-def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
-    """Hinton et al.'s logit distillation: ``T^2 KL(softmax(t / T) || softmax(s / T))``.
-
-    Examples:
-        >>> z = torch.randn(4, 10)
-        >>> float(distillation_loss(z, z)) == 0.0
-        True
-    """
-    log_p = nn.functional.log_softmax(student_logits / temperature, dim=-1)
-    log_q = nn.functional.log_softmax(teacher_logits / temperature, dim=-1)
-    return nn.functional.kl_div(log_p, log_q, log_target=True, reduction="batchmean") * temperature**2
 
 
 @dataclass
