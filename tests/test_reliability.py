@@ -1,0 +1,347 @@
+"""Reliability: every misuse gets a specific error naming the value and the fix, numerical faults never
+become NaN/inf losses, no hooks or memory are left behind, and random architectures train (fuzzed)."""
+
+from __future__ import annotations
+
+import gc
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from guidewrap import (
+    BatchSizeMismatchError,
+    ConfigError,
+    EmptyPlanError,
+    Guidance,
+    GuidanceClosedError,
+    GuidedModel,
+    GuideRequiresGradError,
+    GuidewrapError,
+    LayerNotFoundError,
+    MetricError,
+    NoBatchDimensionError,
+    NoiseInputError,
+    SkippedPairWarning,
+)
+from tests.conftest import mlp
+
+
+def _pair() -> tuple[nn.Module, nn.Module]:
+    target = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    guide = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 3))
+    return target, guide
+
+
+def _no_hooks(*models: nn.Module) -> bool:
+    return all(not (m._forward_hooks or m._forward_pre_hooks) for model in models for m in model.modules())
+
+
+# ---------------------------------------------------------------- misuse -> specific errors
+
+
+class _NoBatchOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(8, 3)
+        self.bias_net = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + self.bias_net(torch.ones(3))  # bias_net's output has no batch dimension
+
+
+class _TextTarget(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, note: object = None) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "builtin", "words"),
+    [
+        (lambda t, g: GuidedModel(t, g, layers=[("2.", "2")]), LayerNotFoundError, KeyError, ["'2.'", "list_layers"]),
+        (lambda t, g: GuidedModel(t, g, layers=[("0", "tanh")]), LayerNotFoundError, KeyError, ["'tanh'", "guide"]),
+        (
+            lambda t, g: GuidedModel(t, g, guide_inputs=lambda x: x[:4])(torch.randn(8, 8)),
+            BatchSizeMismatchError,
+            ValueError,
+            ["4 samples", "8", "keep the batch size"],
+        ),
+        (
+            lambda t, g: GuidedModel(_NoBatchOutput(), g, layers=[("bias_net", "0")]).plan(torch.randn(6, 8)),
+            NoBatchDimensionError,
+            ValueError,
+            ["'bias_net'", "(3,)"],
+        ),
+        (
+            lambda t, g: GuidedModel(t, g, layer_types=(nn.Conv2d,)).plan(torch.randn(6, 8)),
+            EmptyPlanError,
+            ValueError,
+            ["nothing to align", "layer_types"],
+        ),
+        (
+            lambda t, g: GuidedModel(t, g, strict_guide=True),
+            GuideRequiresGradError,
+            ValueError,
+            ["requires_grad_(False)", "'0.weight'"],
+        ),
+        (
+            lambda t, g: GuidedModel(t, g, metric=lambda a, b: a.mean(0))(torch.randn(6, 8)),
+            MetricError,
+            TypeError,
+            ["0-dim", ".mean()"],
+        ),
+        (lambda t, g: GuidedModel(t, g, metric="ckaa"), MetricError, TypeError, ["'ckaa'", "cka"]),
+        (lambda t, g: GuidedModel(t, g, until_step=-1), ConfigError, ValueError, ["until_step", "-1"]),
+        (lambda t, g: GuidedModel(t, g, start_step=5, until_step=2), ConfigError, ValueError, ["start_step (5)"]),
+        (lambda t, g: GuidedModel(t, g, weight=float("nan")), ConfigError, ValueError, ["weight"]),
+        (lambda t, g: GuidedModel(t, g, untill_step=3), ConfigError, ValueError, ["untill_step", "until_step"]),
+        (
+            lambda t, g: GuidedModel(_TextTarget(), g, guide_inputs="noise")(torch.randn(6, 8), note=object()),
+            NoiseInputError,
+            TypeError,
+            ["object", "guide_inputs='same'"],
+        ),
+    ],
+)
+def test_misuse_raises_a_specific_error_with_the_fix(make, error, builtin, words) -> None:  # noqa: ANN001
+    target, guide = _pair()
+    with pytest.raises(error) as info:
+        make(target, guide)
+    assert isinstance(info.value, GuidewrapError) and isinstance(info.value, builtin)
+    message = str(info.value)
+    for word in words:
+        assert word in message, (word, message)
+
+
+def test_guidance_after_exit_is_an_error() -> None:
+    target, guide = _pair()
+    with Guidance(target, guide) as g:
+        target(torch.randn(6, 8))
+    with pytest.raises(GuidanceClosedError, match="create a new Guidance"):
+        g.alignment_loss  # noqa: B018
+    with pytest.raises(GuidanceClosedError):
+        g.step()
+
+
+# ---------------------------------------------------------------- numerical faults
+
+
+class _Fault(nn.Module):
+    """Passes its input through, or replaces it by a fault pattern (dead, constant, huge, NaN)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "dead":
+            return x * 0
+        if self.kind == "constant":
+            return x * 0 + 3.0
+        if self.kind == "huge":
+            return x * 1e30
+        if self.kind == "nan":
+            y = x.clone()
+            y[0] = float("nan")  # one sample's activations are NaN
+            return y
+        return x
+
+
+def _faulty(kind: str, width: int = 12) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(8, width), nn.Tanh(), nn.Linear(width, width), _Fault(kind), nn.Linear(width, 3))
+
+
+@pytest.mark.parametrize("side", ["target", "guide"])
+@pytest.mark.parametrize("kind", ["dead", "constant", "huge", "nan"])
+def test_faulty_layers_never_make_the_loss_non_finite(side: str, kind: str) -> None:
+    target, guide = (_faulty(kind), _faulty("none")) if side == "target" else (_faulty("none", 16), _faulty(kind))
+    layers = [("0", "0"), ("3", "3")]  # the second pair reads the faulty layer's output
+    guided = GuidedModel(target, guide, layers=layers)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        guided(torch.randn(16, 8))
+    assert torch.isfinite(guided.alignment_loss)
+    if kind in ("dead", "constant", "nan"):  # unmeasurable: skipped once, named, counted
+        skipped = [w for w in caught if issubclass(w.category, SkippedPairWarning)]
+        assert len(skipped) == 1 and "3<-3" in str(skipped[0].message)
+        assert guided.guidance_metrics()["guidance_skipped_pairs"] == 1
+        assert set(guided.last_alignment) == {"0<-0"}
+    else:  # huge values are rescaled: measured normally
+        assert set(guided.last_alignment) == {"0<-0", "3<-3"}
+    guided.alignment_loss.backward()  # the term's gradient is finite too (zero through a skipped pair)
+    assert all(torch.isfinite(p.grad).all() for p in target.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_tiny_batches_give_finite_losses(n: int) -> None:
+    target, guide = _pair()
+    guided = GuidedModel(target, guide)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        guided(torch.randn(n, 8))
+    assert torch.isfinite(guided.alignment_loss)
+    if n == 1:
+        assert guided.alignment_loss.item() == 0.0  # nothing measurable in one sample
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_activations(dtype: torch.dtype) -> None:
+    target, guide = _pair()
+    guided = GuidedModel(target.to(dtype), guide.to(dtype))
+    guided(torch.randn(32, 8, dtype=dtype))
+    assert guided.alignment_loss.dtype == torch.float32 and torch.isfinite(guided.alignment_loss)
+    guided.alignment_loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in target.parameters() if p.grad is not None)
+
+
+def test_bf16_autocast_on_cpu() -> None:
+    target, guide = mlp(width=64, depth=4), mlp(width=32, depth=4)
+    guided = GuidedModel(target, guide)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        guided(torch.randn(32, 8))
+    assert torch.isfinite(guided.alignment_loss) and all(math.isfinite(v) for v in guided.last_alignment.values())
+
+
+# ---------------------------------------------------------------- hooks, memory, compile
+
+
+def test_no_memory_growth_over_500_guided_steps() -> None:
+    target, guide = _pair()
+    opt = torch.optim.SGD(target.parameters(), lr=0.01)
+    guided = GuidedModel(target, guide, optimizer=opt)
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+
+    def live_tensors() -> int:
+        gc.collect()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # isinstance on deprecated torch objects warns
+            return sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor))
+
+    def steps(count: int) -> None:
+        for _ in range(count):
+            loss = nn.functional.cross_entropy(guided(x), y) + guided.alignment_loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    steps(20)  # warm-up: plan, optimizer state
+    before = live_tensors()
+    steps(500)
+    assert guided.step_count == 520
+    assert live_tensors() - before <= 2  # nothing accumulates per step
+
+
+def test_hooks_gone_after_window_and_after_exception() -> None:
+    target, guide = _pair()
+    opt = torch.optim.SGD(target.parameters(), lr=0.01)
+    guided = GuidedModel(target, guide, until_step=2, optimizer=opt)
+    for _ in range(3):
+        (guided(torch.randn(8, 8)).sum() + guided.alignment_loss).backward()
+        opt.step()
+    guided(torch.randn(8, 8))
+    assert _no_hooks(target, guide)
+    target2, guide2 = _pair()
+    with pytest.raises(RuntimeError, match="inside"), Guidance(target2, guide2):
+        target2(torch.randn(8, 8))
+        raise RuntimeError("inside")
+    assert _no_hooks(target2, guide2)
+
+
+def test_target_under_torch_compile() -> None:
+    target, guide = _pair()
+    x = torch.randn(16, 8)
+    reference = GuidedModel(target, guide)
+    reference(x)
+    compiled = GuidedModel(torch.compile(target, backend="eager"), guide)  # dynamo traces the layer hooks
+    out = compiled(x)
+    assert torch.allclose(out, target(x))
+    assert compiled.alignment_loss.item() == pytest.approx(reference.alignment_loss.item(), rel=1e-5)
+    compiled.alignment_loss.backward()
+    assert target[0].weight.grad is not None and torch.isfinite(target[0].weight.grad).all()
+
+
+# ---------------------------------------------------------------- fuzzed architectures
+
+FAMILIES = ("mlp", "cnn", "rnn", "transformer")
+
+
+def _build(family: str, depth: int, width: int, rng: torch.Generator) -> tuple[nn.Module, str]:
+    """A model of ``family`` for 48 input numbers: vectors, (3, 4, 4) images or (6, 8) sequences."""
+    if family == "mlp":
+        layers = [nn.Flatten()] + [
+            m for i in range(depth) for m in (nn.Linear(48 if i == 0 else width, width), nn.ReLU())
+        ]
+        return nn.Sequential(*layers, nn.Linear(width, 4)), "flat"
+    if family == "cnn":
+        layers = [m for i in range(depth) for m in (nn.Conv2d(3 if i == 0 else width, width, 3, padding=1), nn.ReLU())]
+        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * width, 4)), "flat"
+    d = width - width % 2 or 2
+    if family == "rnn":
+        kind = [nn.RNN, nn.LSTM, nn.GRU][int(torch.randint(0, 3, (1,), generator=rng))]
+        return _Seq(nn.ModuleList(kind(8 if i == 0 else d, d, batch_first=True) for i in range(depth)), d), "seq"
+    layer = nn.TransformerEncoderLayer(d, 2, 2 * d, dropout=0.0, batch_first=True)
+    return _Seq(
+        nn.ModuleList([nn.Linear(8, d), nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)]), d
+    ), "seq"
+
+
+class _Seq(nn.Module):
+    def __init__(self, blocks: nn.ModuleList, d: int) -> None:
+        super().__init__()
+        self.blocks, self.head = blocks, nn.Linear(d, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.flatten(1).view(len(x), 6, 8)  # any input becomes a (n, 6, 8) sequence
+        for block in self.blocks:
+            h = block(h)
+            h = h[0] if isinstance(h, tuple) else h
+        return self.head(h.mean(1))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    target_family=st.sampled_from(FAMILIES),
+    guide_family=st.sampled_from(FAMILIES),
+    depths=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    widths=st.tuples(st.integers(2, 24), st.integers(2, 24)),
+    batch=st.integers(2, 12),
+    seed=st.integers(0, 2**16),
+)
+def test_fuzzed_architectures_train(target_family, guide_family, depths, widths, batch, seed) -> None:  # noqa: ANN001
+    rng = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    target, _ = _build(target_family, depths[0], widths[0], rng)
+    if guide_family == target_family:  # the guide comes from another family
+        guide_family = FAMILIES[(FAMILIES.index(target_family) + 1) % len(FAMILIES)]
+    guide, _ = _build(guide_family, depths[1], widths[1], rng)
+    x = torch.randn(batch, 48, generator=rng)  # 48 = 6 x 8 sequences = 3 x 4 x 4 images
+    x_img = x.view(batch, 3, 4, 4)
+    inputs = x_img if target_family == "cnn" else x
+    guide_inputs = (lambda t: t.view(batch, 3, 4, 4)) if guide_family == "cnn" else (lambda t: t.flatten(1))
+    before = {k: v.clone() for k, v in guide.state_dict().items()}
+    opt = torch.optim.SGD(target.parameters(), lr=0.01)
+    try:
+        with Guidance(target, guide, guide_inputs=guide_inputs) as g, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tiny batches may make some pairs unmeasurable (skipped, warned)
+            assert len(g.plan(inputs)) > 0
+            for _ in range(2):
+                loss = target(inputs).pow(2).mean() + g.alignment_loss
+                assert torch.isfinite(loss)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    except EmptyPlanError:
+        assert _no_hooks(target, guide)
+        return  # a clear error is an accepted outcome for a model with nothing to align
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in target.parameters())
+    assert all(p.grad is None for p in guide.parameters())
+    assert all(torch.equal(before[k], v) for k, v in guide.state_dict().items()) and not guide.training
+    assert _no_hooks(target, guide)
