@@ -9,7 +9,9 @@ median of several repetitions:
   (c) guided  - guidewrap's guided step (GuidedModel)
   (d) reference - the paper's published recipe, written here: a second, hooked target forward and
       CKA through n x n centring-matrix products with each Gram recomputed per HSIC.
-Prints reference_over_guided=<x> and, last, guided_over_floor=<x>.
+The sequence case runs first: a 4-layer LSTM target guided by a 4-layer Transformer encoder, batch 64,
+length 128, with flatten and token-wise CKA (lstm_<mode>_... ratios). Then the FCN case prints
+reference_over_guided=<x> and, last, guided_over_floor=<x>.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torchvision
@@ -45,20 +48,44 @@ def _capture(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, t
     return out
 
 
-def main(batch: int = 256, reps: int = 9, depth: int = 24) -> dict[str, float]:
-    torch.manual_seed(0)
-    target = deep_fcn(depth)
-    guide = torchvision.models.resnet18(weights=None, num_classes=10)
-    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-    guided = GuidedModel(target, guide)
+class LSTMStack(nn.Module):
+    """4 separate LSTM layers (each one hookable layer) over (n, T, 64) features."""
+
+    def __init__(self, d_in: int = 64, hidden: int = 256, layers: int = 4) -> None:
+        super().__init__()
+        self.lstms = nn.ModuleList(nn.LSTM(d_in if i == 0 else hidden, hidden, batch_first=True) for i in range(layers))
+        self.head = nn.Linear(hidden, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for lstm in self.lstms:
+            x = lstm(x)[0]
+        return self.head(x)
+
+
+def lstm_case(batch: int = 64, length: int = 128) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """The sequence case: 4-layer LSTM target, 4-layer Transformer encoder guide, (64, 128, 64) inputs."""
+    layer = nn.TransformerEncoderLayer(256, 4, 1024, dropout=0.0, batch_first=True)
+    guide = nn.Sequential(nn.Linear(64, 256), nn.TransformerEncoder(layer, 4, enable_nested_tensor=False))
+    return LSTMStack(), guide, torch.randn(batch, length, 64)
+
+
+def make_steps(
+    target: nn.Module,
+    guide: nn.Module,
+    x: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    reference: bool = True,
+    **guidance: object,
+) -> tuple[dict[str, Callable[[], None]], int]:
+    """The step variants (plain, floor, guided and, optionally, the paper's recipe) and the pair count."""
+    guided = GuidedModel(target, guide, **guidance)
     plan = guided.plan(x)
     pairs = [(p.target.name, p.guide.name) for p in plan]
     opt = torch.optim.SGD(target.parameters(), lr=1e-3)
-    loss_fn = nn.CrossEntropyLoss()
 
     def plain() -> None:
-        loss = loss_fn(target(x), y)
-        opt.zero_grad()
+        loss = loss_fn(target(x))
+        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
@@ -68,23 +95,40 @@ def main(batch: int = 256, reps: int = 9, depth: int = 24) -> dict[str, float]:
         plain()
 
     def ours() -> None:
-        loss = loss_fn(guided(x), y) + guided.alignment_loss
-        opt.zero_grad()
+        loss = loss_fn(guided(x)) + guided.alignment_loss
+        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    def reference() -> None:
-        loss = loss_fn(target(x), y)
+    def paper_recipe() -> None:
+        loss = loss_fn(target(x))
         feats = _capture(target, sorted({t for t, _ in pairs}), x)  # second, hooked target forward
         with torch.no_grad():
             g_feats = _capture(guide, sorted({g for _, g in pairs}), x)
         for t_name, g_name in pairs:
-            loss = loss + 1 - linear_cka_textbook(feats[t_name].flatten(1), g_feats[g_name].flatten(1))
-        opt.zero_grad()
+            t_out, g_out = (_first(feats[t_name]), _first(g_feats[g_name]))
+            loss = loss + 1 - linear_cka_textbook(t_out.flatten(1), g_out.flatten(1))
+        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    steps = {"plain": plain, "floor": floor, "guided": ours, "reference": reference}
+    steps = {"plain": plain, "floor": floor, "guided": ours}
+    if reference:
+        steps["reference"] = paper_recipe
+    return steps, len(pairs)
+
+
+def time_case(
+    target: nn.Module,
+    guide: nn.Module,
+    x: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    reps: int,
+    reference: bool = True,
+    **guidance: object,
+) -> tuple[dict[str, float], int]:
+    """Median times of the step variants, interleaved; and the pair count."""
+    steps, n_pairs = make_steps(target, guide, x, loss_fn, reference, **guidance)
     times: dict[str, list[float]] = {k: [] for k in steps}
     for fn in steps.values():
         fn()  # warm-up
@@ -93,10 +137,44 @@ def main(batch: int = 256, reps: int = 9, depth: int = 24) -> dict[str, float]:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"deep FCN ({depth} x Linear 1024 + BN) <- untrained ResNet-18, batch {batch}, {len(pairs)} pairs, CPU")
+    return {k: statistics.median(v) for k, v in times.items()}, n_pairs
+
+
+def _first(out: object) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out  # type: ignore[index,return-value]
+
+
+def _report(title: str, med: dict[str, float]) -> None:
+    print(title)
     for name, value in med.items():
         print(f"  {name:<9} {value * 1e3:9.1f} ms")
+
+
+def main(
+    batch: int = 256, reps: int = 9, depth: int = 24, sequence: bool = True, seq_shape: tuple[int, int] = (64, 128)
+) -> dict[str, float]:
+    if sequence:
+        torch.manual_seed(0)
+        target, guide, x = lstm_case(*seq_shape)
+        for mode in ("flatten", "tokenwise"):
+            med, n_pairs = time_case(
+                target, guide, x, lambda out: out.pow(2).mean(), max(3, reps // 3), mode == "flatten", sequence=mode
+            )
+            shape = f"batch {seq_shape[0]}, length {seq_shape[1]}"
+            _report(f"4-layer LSTM <- 4-layer Transformer encoder, {shape}, {mode}, {n_pairs} pairs", med)
+            if "reference" in med:
+                print(f"lstm_{mode}_reference_over_guided={med['reference'] / med['guided']:.2f}")
+            print(f"lstm_{mode}_guided_over_floor={med['guided'] / med['floor']:.2f}")
+    torch.manual_seed(0)
+    y = torch.randint(0, 10, (batch,))
+    med, n_pairs = time_case(
+        deep_fcn(depth),
+        torchvision.models.resnet18(weights=None, num_classes=10),
+        torch.randn(batch, 3, 32, 32),
+        lambda out: nn.functional.cross_entropy(out, y),
+        reps,
+    )
+    _report(f"deep FCN ({depth} x Linear 1024 + BN) <- untrained ResNet-18, batch {batch}, {n_pairs} pairs, CPU", med)
     print(f"reference_over_guided={med['reference'] / med['guided']:.2f}")
     print(f"guided_over_floor={med['guided'] / med['floor']:.2f}")
     return med
@@ -106,5 +184,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--no-sequence", action="store_true", help="only the FCN / ResNet-18 case")
     args = parser.parse_args()
-    main(args.batch, args.reps)
+    main(args.batch, args.reps, sequence=not args.no_sequence)

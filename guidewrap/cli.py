@@ -127,8 +127,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise CommandError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
-    if args.steps < 1 or args.samples < 100:
-        raise CommandError("--steps must be >= 1 and --samples >= 100")
+    if args.steps < 1 or args.samples < 100 or not args.weight >= 0:
+        raise CommandError("--steps must be >= 1, --samples >= 100 and --weight >= 0")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"MNIST-1D ({args.samples} samples, generated locally), deep MLP (8 x 256) vs an untrained 1-D CNN guide")
@@ -138,7 +138,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     for seed in args.seeds:
         for variant in variants:
             with tqdm(total=args.steps, desc=f"seed {seed} {variant:<9}", leave=False, disable=args.quiet) as bar:
-                results.append(train_variant(variant, data, seed=seed, steps=args.steps, progress=bar.update))
+                run = train_variant(variant, data, seed=seed, steps=args.steps, weight=args.weight, progress=bar.update)
+                results.append(run)
     elapsed = time.perf_counter() - start
     table = _demo_table(results, variants, DESCRIPTIONS)
     print(table)
@@ -207,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=2000, help="training steps per run (default 2000)")
     demo.add_argument("--samples", type=int, default=10_000, help="MNIST-1D samples, 80%% train (default 10000)")
     demo.add_argument("--variants", nargs="+", help="subset of: baseline guided pre_align distill")
+    demo.add_argument("--weight", type=float, default=0.5, help="guidance weight (default 0.5)")
     demo.add_argument("--out", default="guidewrap-demo", help="output folder for the table and PNG")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_cmd_demo)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import math
+import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-def _load(name: str):
+def _load(name: str):  # noqa: ANN202
+    sys.path.insert(0, str(BENCH))  # memory.py reuses step.py's models, as when run from bench/
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -22,6 +25,20 @@ def test_bench_metrics_runs(capsys) -> None:
 
 
 def test_bench_step_runs(capsys) -> None:
-    medians = _load("step").main(batch=8, reps=1, depth=2)
+    medians = _load("step").main(batch=8, reps=1, depth=2, seq_shape=(4, 6))
     assert set(medians) == {"plain", "floor", "guided", "reference"}
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("guided_over_floor=")
+    out = capsys.readouterr().out
+    assert "lstm_tokenwise_guided_over_floor=" in out and "lstm_flatten_reference_over_guided=" in out
+    assert out.strip().splitlines()[-1].startswith("guided_over_floor=")
+
+
+def test_bench_memory_runs(capsys) -> None:
+    ratio = _load("memory").main(reps=1, batch=8, depth=2, seq_shape=(4, 6))
+    assert ratio > 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("guided_mem_over_floor=")
+
+
+def test_bench_scaling_runs(capsys) -> None:
+    exp_n, exp_d = _load("scaling").main(reps=1, ns=(16, 32), ds=(64, 128), d=64, n=16)
+    assert math.isfinite(exp_n) and math.isfinite(exp_d)  # slopes were fitted
+    assert "measured_exponent_d=" in capsys.readouterr().out
