@@ -54,7 +54,8 @@ def main(seeds: tuple[int, ...] = (0,), steps: int = 500, guide_steps: int = 500
             ("RNN guided by trained Transformer", trained_guide),
         ):
             rnn = seeded(seed, lambda: StackedRNN(task.vocab, **sizes["rnn"]))
-            fit(rnn, batches, task_loss, steps, guide=guide, mode="none" if guide is None else "guided")
+            # weight 0.25 over the 24 pairs (see guidewrap.experiments.copy_paste.train_copy_paste)
+            fit(rnn, batches, task_loss, steps, guide=guide, mode="none" if guide is None else "guided", weight=0.25)
             rows.append({"model": name, "accuracy": score(rnn)})
     print(f"copy-paste, lengths {task.min_len}-{task.max_len}, {steps} steps, batch 64, seeds {list(seeds)}")
     print(summarize(rows, "model", ["accuracy"]))
