@@ -57,6 +57,10 @@ class GuidanceConfig:
         input_batch_dim: which dimension of the first input tensor is the batch.
         mask_key: keyword argument holding the ``(n, T)`` padding mask.
         strict_guide: raise instead of freezing a guide whose parameters require gradients.
+        max_features: approximation for very wide layers: a layer with more flattened features
+            than this is measured on a fixed random subset of ``max_features`` of them (the same
+            subset every step). ``None`` (default): exact. See ``docs/concepts/cost.md`` for the
+            measured error.
 
     Examples:
         >>> GuidanceConfig(layers=[("fc1", "conv1")]).layers
@@ -78,6 +82,7 @@ class GuidanceConfig:
     input_batch_dim: int = 0
     mask_key: str = "attention_mask"
     strict_guide: bool = False
+    max_features: int | None = None
 
     def __post_init__(self) -> None:
         self.schedule()  # validates weight and window
@@ -100,6 +105,8 @@ class GuidanceConfig:
                     "layer_types must be a non-empty list of nn.Module classes or class names, "
                     f"got {bad or self.layer_types!r}"
                 )
+        if self.max_features is not None and (not isinstance(self.max_features, int) or self.max_features < 1):
+            raise ConfigError(f"max_features must be None or an integer >= 1, got {self.max_features!r}")
         if not isinstance(self.input_batch_dim, int) or self.input_batch_dim < 0:
             raise ConfigError(f"input_batch_dim must be an integer >= 0, got {self.input_batch_dim!r}")
 

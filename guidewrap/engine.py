@@ -24,6 +24,7 @@ Examples:
 from __future__ import annotations
 
 import warnings
+import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -89,6 +90,7 @@ class GuidanceEngine:
         self._capturing = False
         self.busy = False  # set while the engine itself runs the target (probe, noise pass)
         self._target_out: dict[str, Any] = {}
+        self._feature_subsets: dict[tuple[str, str, int], Tensor] = {}
         self._prepared: dict[tuple[str, str], Any] = {}
         self._mask: Tensor | None = None
         self._pending: Call | None = None
@@ -380,6 +382,7 @@ class GuidanceEngine:
                 layer_mask = g_mask if lengths is None else lengths_to_mask(lengths, tensor.shape[1], tensor.device)
                 for mode in wanted[name]:
                     x, w = features(tensor, info.batch_dim, mode, layer_mask, info.channels_first)
+                    x = self._subsample(x, ("guide", name))
                     x, w = self._gather(x, w, differentiable=False)
                     prepared[(name, mode)] = self.metric.prepare(x, w)
 
@@ -458,7 +461,7 @@ class GuidanceEngine:
             if key not in shaped:
                 mask = self._mask if lengths is None else lengths_to_mask(lengths, tensor.shape[1], tensor.device)
                 x, w = features(tensor, pair.target.batch_dim, pair.mode, mask, pair.target.channels_first)
-                shaped[key] = self._gather(x, w, differentiable=True)
+                shaped[key] = self._gather(self._subsample(x, ("target", pair.target.name)), w, differentiable=True)
             x, w = shaped[key]
             batch_key = self.metric.batch_key(prepared) if w is None else None
             group = (tuple(x.shape), x.dtype, x.device, batch_key) if batch_key is not None else i
@@ -503,6 +506,21 @@ class GuidanceEngine:
                     stacklevel=4,
                 )
         return loss
+
+    def _subsample(self, x: Tensor, layer: tuple[str, str]) -> Tensor:
+        """``max_features`` approximation: keep a fixed random subset of a wide layer's features."""
+        limit = self.config.max_features
+        if limit is None or x.shape[-1] <= limit:
+            return x
+        key = (*layer, x.shape[-1])
+        index = self._feature_subsets.get(key)
+        if index is None or index.device != x.device:
+            # Seeded by the layer's name: the same subset every step, on every process.
+            seed = zlib.crc32("/".join(map(str, key)).encode())
+            gen = torch.Generator().manual_seed(seed)
+            index = torch.randperm(x.shape[-1], generator=gen)[:limit].sort().values.to(x.device)
+            self._feature_subsets[key] = index
+        return x.index_select(-1, index)
 
     def _check_distance(self, distance: Any, expected: tuple[int, ...], key: str) -> None:
         if not isinstance(distance, Tensor) or tuple(distance.shape) != expected:
