@@ -42,3 +42,9 @@ def test_bench_scaling_runs(capsys) -> None:
     exp_n, exp_d = _load("scaling").main(reps=1, ns=(16, 32), ds=(64, 128), d=64, n=16)
     assert math.isfinite(exp_n) and math.isfinite(exp_d)  # slopes were fitted
     assert "measured_exponent_d=" in capsys.readouterr().out
+
+
+def test_bench_approximation_runs(capsys) -> None:
+    worst = _load("approximation").main(batch=16, depth=2, limits=(512,))
+    assert 0 <= worst[512] <= 1
+    assert "largest per-pair CKA change" in capsys.readouterr().out
