@@ -601,13 +601,17 @@ class GuidanceEngine:
         finally:
             self.target.train(was_training)
             self._reset()
+            self._remove_layer_hooks()  # re-attached by the next guided forward, if any
         return history
 
     def evaluate(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> float:
         """Unweighted sum of pair distances on given inputs, without gradients."""
-        with torch.no_grad():
-            value = float(self._aligned_forward(tuple(args), dict(kwargs), weight=1.0))
-        self._reset()
+        try:
+            with torch.no_grad():
+                value = float(self._aligned_forward(tuple(args), dict(kwargs), weight=1.0))
+        finally:
+            self._reset()
+            self._remove_layer_hooks()  # re-attached by the next guided forward, if any
         return value
 
     def close(self) -> None:

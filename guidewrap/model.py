@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,10 @@ class GuidedModel(nn.Module):
         # Kept out of _modules: the guide must never reach parameters() or state_dict().
         object.__setattr__(self, "_engine", engine)
         self.register_buffer("guidance_step", torch.zeros((), dtype=torch.long))
-        engine.on_step = self._store_step
+        # A weak reference: the target's hooks hold the engine, and the engine must not keep the
+        # wrapper alive (dropping the wrapper removes its hooks, see close()).
+        store = weakref.WeakMethod(self._store_step)
+        engine.on_step = lambda step: (method := store()) is not None and method(step)
         self.register_load_state_dict_post_hook(_restore_step)
         forward_impl = self._guided_forward
 
@@ -160,6 +164,31 @@ class GuidedModel(nn.Module):
     def step(self) -> None:
         """Count one optimizer step (use when no ``optimizer=`` was given)."""
         self._engine.step()
+
+    def close(self) -> None:
+        """Remove every hook guidance holds on the target and optimizer; the model then runs unguided.
+
+        Also done when the ``GuidedModel`` is garbage-collected, so dropping a wrapper (and keeping
+        the bare target) leaves no hook behind.
+
+        Examples:
+            >>> import torch
+            >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+            >>> guided = GuidedModel(net, torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)))
+            >>> _ = guided(torch.randn(8, 4))
+            >>> guided.close()
+            >>> sum(len(m._forward_hooks) for m in net.modules())
+            0
+        """
+        self._engine.close()
+
+    def __del__(self) -> None:
+        engine = self.__dict__.get("_engine")
+        if engine is not None:
+            try:
+                engine.close()
+            except Exception:  # noqa: BLE001, S110 - interpreter shutdown: nothing left to clean
+                pass
 
     def attach_optimizer(self, optimizer: Any) -> None:
         """Count steps from ``optimizer.step()`` (for optimizers built after wrapping)."""

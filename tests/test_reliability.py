@@ -345,3 +345,17 @@ def test_fuzzed_architectures_train(target_family, guide_family, depths, widths,
     assert all(p.grad is None for p in guide.parameters())
     assert all(torch.equal(before[k], v) for k, v in guide.state_dict().items()) and not guide.training
     assert _no_hooks(target, guide)
+
+
+def test_pre_align_evaluate_and_dropped_wrappers_leave_no_hooks() -> None:
+    target, guide = _pair()
+    opt = torch.optim.SGD(target.parameters(), lr=0.01)
+    guided = GuidedModel(target, guide, optimizer=opt)
+    guided.pre_align(torch.randn(16, 8), steps=2)
+    guided.evaluate_alignment(torch.randn(16, 8))
+    assert _no_hooks(target, guide)
+    guided(torch.randn(16, 8))  # a training forward attaches the layer hooks for the window
+    assert not _no_hooks(target)
+    del guided
+    gc.collect()
+    assert _no_hooks(target, guide) and not opt._optimizer_step_post_hooks
