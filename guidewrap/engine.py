@@ -470,7 +470,13 @@ class GuidanceEngine:
         for members in groups.values():
             if len(members) > 1:  # same shapes: one batched problem, n x n work in few kernels
                 pairs = [plan[i] for i in members]
-                side = self.metric.prepare_target_many([shaped[(p.target.name, p.mode)][0] for p in pairs])
+                keys = [(p.target.name, p.mode) for p in pairs]
+                unique = list(dict.fromkeys(keys))  # a target layer paired with several guide layers
+                side = self.metric.prepare_target_many([shaped[k][0] for k in unique])
+                if len(unique) < len(keys):
+                    positions = {k: i for i, k in enumerate(unique)}
+                    index = torch.tensor([positions[k] for k in keys], device=shaped[keys[0]][0].device)
+                    side = self.metric.select_target(side, index)
                 prepared = self.metric.stack_prepared([self._prepared[(p.guide.name, p.mode)] for p in pairs])
                 distance, ok = self.metric.compare(side, prepared, None)
                 x = shaped[(pairs[0].target.name, pairs[0].mode)][0]

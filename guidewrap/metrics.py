@@ -604,6 +604,10 @@ class Metric:
         """:meth:`prepare_target` for same-shaped, unweighted features, stacked along a new leading dim."""
         raise NotImplementedError(f"{type(self).__name__} does not batch pairs")
 
+    def select_target(self, target: Any, index: Tensor) -> Any:
+        """Entries ``index`` (along the leading dim) of a :meth:`prepare_target_many` result."""
+        raise NotImplementedError(f"{type(self).__name__} does not batch pairs")
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
@@ -626,6 +630,10 @@ class _LinearCKA(Metric):
 
     def stack_prepared(self, prepared: list[CenteredSide]) -> CenteredSide:
         return CenteredSide.stack(prepared)
+
+    def select_target(self, target: tuple[CenteredSide, Tensor], index: Tensor) -> tuple[CenteredSide, Tensor]:
+        side, n_ok = target
+        return CenteredSide(side.kind, side.value[index], side.norm[index], side.ok[index]), n_ok[index]
 
     def prepare_target_many(self, xs: list[Tensor]) -> tuple[CenteredSide, Tensor]:
         with _no_autocast(xs[0].device.type):

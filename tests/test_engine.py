@@ -61,12 +61,13 @@ def test_wrapper_returns_target_output_and_adds_term() -> None:
 
 
 @pytest.mark.parametrize("width", [6, 40])  # features form (d <= n) and Gram form (d > n)
-def test_batched_pairs_equal_per_pair_cka(width: int) -> None:
+@pytest.mark.parametrize("guide_depth", [4, 9])  # 9: several guide layers share a target layer
+def test_batched_pairs_equal_per_pair_cka(width: int, guide_depth: int) -> None:
     # Same-shaped pairs run as one batched problem; loss and gradients must match pair by pair.
     from guidewrap.metrics import linear_cka
 
     torch.manual_seed(0)
-    target, guide = mlp(width=width, depth=4), mlp(width=width + 3, depth=4)
+    target, guide = mlp(width=width, depth=4), mlp(width=width + 3, depth=guide_depth)
     guided = GuidedModel(target, guide)
     x = torch.randn(24, 8)
     guided(x)
