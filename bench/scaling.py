@@ -45,8 +45,8 @@ def main(
 ) -> tuple[float, float]:
     torch.manual_seed(0)
     t_n = [_time(n, d, reps) for n in ns]
-    for n, t in zip(ns, t_n, strict=True):
-        print(f"n={n:>5} d={d}: {t * 1e3:8.2f} ms   (n^2 d = {n * n * d / 1e9:.3f} G)")
+    for size, t in zip(ns, t_n, strict=True):
+        print(f"n={size:>5} d={d}: {t * 1e3:8.2f} ms   (n^2 d = {size * size * d / 1e9:.3f} G)")
     t_d = [_time(n, dd, reps) for dd in ds]
     for dd, t in zip(ds, t_d, strict=True):
         print(f"n={n} d={dd:>6}: {t * 1e3:8.2f} ms   (n^2 d = {n * n * dd / 1e9:.3f} G)")
