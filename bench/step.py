@@ -151,7 +151,12 @@ def _report(title: str, med: dict[str, float]) -> None:
 
 
 def main(
-    batch: int = 256, reps: int = 9, depth: int = 24, sequence: bool = True, seq_shape: tuple[int, int] = (64, 128)
+    batch: int = 256,
+    reps: int = 9,
+    depth: int = 24,
+    sequence: bool = True,
+    seq_shape: tuple[int, int] = (64, 128),
+    max_features: int | None = None,
 ) -> dict[str, float]:
     if sequence:
         torch.manual_seed(0)
@@ -173,8 +178,12 @@ def main(
         torch.randn(batch, 3, 32, 32),
         lambda out: nn.functional.cross_entropy(out, y),
         reps,
+        max_features=max_features,
     )
-    _report(f"deep FCN ({depth} x Linear 1024 + BN) <- untrained ResNet-18, batch {batch}, {n_pairs} pairs, CPU", med)
+    approx = f", max_features={max_features}" if max_features else ""
+    _report(
+        f"deep FCN ({depth} x Linear 1024 + BN) <- untrained ResNet-18, batch {batch}, {n_pairs} pairs{approx}", med
+    )
     print(f"reference_over_guided={med['reference'] / med['guided']:.2f}")
     print(f"guided_over_floor={med['guided'] / med['floor']:.2f}")
     return med
@@ -185,5 +194,6 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--no-sequence", action="store_true", help="only the FCN / ResNet-18 case")
+    parser.add_argument("--max-features", type=int, help="the approximation for wide layers (default: exact)")
     args = parser.parse_args()
-    main(args.batch, args.reps, sequence=not args.no_sequence)
+    main(args.batch, args.reps, sequence=not args.no_sequence, max_features=args.max_features)
