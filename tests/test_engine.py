@@ -23,11 +23,14 @@ from tests.conftest import RNNLM, mlp, small_cnn, transformer_lm
 
 
 def _train(
-    guided: nn.Module, steps: int, x: torch.Tensor, y: torch.Tensor, lr: float = 0.05, opt_state: dict | None = None
+    guided: nn.Module,
+    steps: int,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lr: float = 0.05,
+    opt: torch.optim.Optimizer | None = None,
 ) -> list[float]:
-    opt = torch.optim.SGD(guided.parameters(), lr=lr)
-    if opt_state is not None:
-        opt.load_state_dict(opt_state)
+    opt = opt if opt is not None else torch.optim.SGD(guided.parameters(), lr=lr)
     losses = []
     for _ in range(steps):
         loss = nn.functional.cross_entropy(guided(x), y) + guided.alignment_loss
@@ -419,21 +422,16 @@ def test_resume_continues_the_window(tmp_path) -> None:
 
     first = GuidedModel(copy.deepcopy(target), guide, until_step=5)
     opt = torch.optim.SGD(first.parameters(), lr=0.05)
-    losses = []
-    for _ in range(3):
-        loss = nn.functional.cross_entropy(first(x), y) + first.alignment_loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        first.step()
-        losses.append(loss.item())
+    losses = _train(first, 3, x, y, opt=opt)
     torch.save({"model": first.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
 
     ckpt = torch.load(tmp_path / "ckpt.pt")
     resumed = GuidedModel(mlp(), guide, until_step=5)
     resumed.load_state_dict(ckpt["model"])
     assert resumed.step_count == 3
-    losses += _train(resumed, 7, x, y, opt_state=ckpt["opt"])
+    resumed_opt = torch.optim.SGD(resumed.parameters(), lr=0.05)
+    resumed_opt.load_state_dict(ckpt["opt"])
+    losses += _train(resumed, 7, x, y, opt=resumed_opt)
     assert losses == pytest.approx(losses_straight, rel=1e-6)
 
 

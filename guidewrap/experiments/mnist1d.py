@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..model import GuidedModel
 from .common import distillation_loss
+from .images import accuracy
 
 __all__ = ["VARIANTS", "load_mnist1d", "deep_mlp", "cnn1d", "distillation_loss", "RunResult", "train_variant"]
 
@@ -107,15 +108,6 @@ class RunResult:
         return self.train_acc - self.test_acc
 
 
-@torch.no_grad()
-def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    was_training = model.training
-    model.eval()
-    acc = (model(x).argmax(-1) == y).float().mean().item()
-    model.train(was_training)
-    return acc
-
-
 def train_variant(
     variant: str,
     data: dict[str, Tensor],
@@ -178,7 +170,7 @@ def train_variant(
         loss.backward()
         opt.step()
         if step % eval_every == 0 or step == steps:
-            curve.append((step, _accuracy(target, x, y), _accuracy(target, data["x_test"], data["y_test"])))
+            curve.append((step, accuracy(target, x, y), accuracy(target, data["x_test"], data["y_test"])))
         if progress is not None:
             progress(1)
     _, train_acc, test_acc = curve[-1]
