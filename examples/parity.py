@@ -13,7 +13,7 @@ import argparse
 import torch
 from torch import nn
 
-from guidewrap.experiments.common import fit, seeded, summarize
+from guidewrap.experiments.common import batch_stream, fit, seeded, summarize
 from guidewrap.experiments.parity import ParityRNN, ParityTask, ParityTransformer
 
 
@@ -25,10 +25,9 @@ def main(seeds: tuple[int, ...] = (0,), steps: int = 1000, guide_steps: int = 10
 
     rows = []
     for seed in seeds:
-        data = torch.Generator().manual_seed(seed)
 
-        def batches(step: int, data: torch.Generator = data) -> tuple[dict, torch.Tensor]:
-            b = task.sample(128, generator=data)
+        def draw(gen: torch.Generator) -> tuple[dict, torch.Tensor]:
+            b = task.sample(128, generator=gen)
             return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}, b["labels"]
 
         held_out = [task.sample(512, seed=10_000 + seed + i) for i in range(2)]
@@ -42,7 +41,7 @@ def main(seeds: tuple[int, ...] = (0,), steps: int = 1000, guide_steps: int = 10
             return sum(hits) / len(hits)
 
         trained_rnn = seeded(seed + 1, lambda: ParityRNN(hidden=d))
-        fit(trained_rnn, batches, nn.functional.cross_entropy, guide_steps, mode="none")
+        fit(trained_rnn, batch_stream(seed, draw), nn.functional.cross_entropy, guide_steps, mode="none")
         rows.append({"model": "RNN (trained guide itself)", "accuracy": score(trained_rnn)})
         for name, guide in (
             ("Transformer alone", None),
@@ -53,7 +52,15 @@ def main(seeds: tuple[int, ...] = (0,), steps: int = 1000, guide_steps: int = 10
             mode = "none" if guide is None else "guided"
             # sequence="mean": the RNN reads positions one by one, the Transformer mixes them;
             # per-sample means over real positions (padding masked) compare the two.
-            fit(model, batches, nn.functional.cross_entropy, steps, guide=guide, mode=mode, sequence="mean")
+            fit(
+                model,
+                batch_stream(seed, draw),
+                nn.functional.cross_entropy,
+                steps,
+                guide=guide,
+                mode=mode,
+                sequence="mean",
+            )
             rows.append({"model": name, "accuracy": score(model)})
     print(f"parity, lengths {task.min_len}-{task.max_len}, {steps} steps, batch 128, seeds {list(seeds)}")
     print(summarize(rows, "model", ["accuracy"]))

@@ -25,10 +25,11 @@ def test_bench_metrics_runs(capsys) -> None:
 
 
 def test_bench_step_runs(capsys) -> None:
-    medians = _load("step").main(batch=8, reps=1, depth=2, seq_shape=(4, 6))
-    assert set(medians) == {"plain", "floor", "guided", "reference"}
+    medians = _load("step").main(batch=8, reps=1, depth=2, seq_shape=(4, 6), max_features=(64,))
+    assert set(medians) == {"plain", "floor", "guided", "reference", "max_features=64"}
     out = capsys.readouterr().out
     assert "lstm_tokenwise_guided_over_floor=" in out and "lstm_flatten_reference_over_guided=" in out
+    assert "max_features=64: guided_over_floor=" in out and "largest per-pair CKA change" in out
     assert out.strip().splitlines()[-1].startswith("guided_over_floor=")
 
 

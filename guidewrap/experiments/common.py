@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..model import GuidedModel
 
-__all__ = ["MODES", "fit", "distillation_loss", "summarize", "seeded", "random_batches"]
+__all__ = ["MODES", "fit", "distillation_loss", "summarize", "seeded", "random_batches", "batch_stream"]
 
 MODES = ("none", "guided", "distill")
 
@@ -56,6 +56,7 @@ def fit(
     clip: float | None = 1.0,
     logits: Callable[[Any], Tensor] = lambda out: out,
     progress: Callable[[int], Any] | None = None,
+    callback: Callable[[int], Any] | None = None,
     **guidance: Any,
 ) -> list[float]:
     """Train ``target`` with Adam for ``steps`` steps; returns the task loss per step.
@@ -64,7 +65,9 @@ def fit(
     arguments); ``loss_fn(output, labels)`` the task loss. ``mode`` is ``"none"`` (the target
     alone, ``guide`` ignored), ``"guided"`` (plus the alignment term; ``guidance`` keywords go to
     :class:`~guidewrap.GuidedModel`) or ``"distill"`` (plus logit distillation from ``guide``,
-    reading logits from outputs with ``logits``).
+    reading logits from outputs with ``logits``). ``clip`` is the gradient-norm limit (``None``:
+    no clipping); ``progress(1)`` is called after every step (a tqdm bar's ``update``) and
+    ``callback(steps_done)`` too (evaluation curves).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -101,25 +104,42 @@ def fit(
         losses.append(task.item())
         if progress is not None:
             progress(1)
+        if callback is not None:
+            callback(step + 1)
     target.eval()
     return losses
 
 
+def batch_stream(seed: int, draw: Callable[[torch.Generator], tuple[Any, Any]]) -> Callable[[int], tuple[Any, Any]]:
+    """A ``batches(step)`` function calling ``draw(generator)`` with its own generator seeded ``seed``.
+
+    Build a fresh stream for every variant: streams with the same seed give the same batches,
+    so variants are compared on identical data.
+
+    Examples:
+        >>> a = batch_stream(0, lambda g: (torch.rand(2, generator=g), None))
+        >>> b = batch_stream(0, lambda g: (torch.rand(2, generator=g), None))
+        >>> torch.equal(a(0)[0], b(0)[0])
+        True
+    """
+    gen = torch.Generator().manual_seed(seed)
+    return lambda step: draw(gen)
+
+
 def random_batches(x: Tensor, y: Tensor, batch: int, seed: int) -> Callable[[int], tuple[Tensor, Tensor]]:
-    """A ``batches(step)`` function drawing ``batch`` random rows of ``(x, y)`` from a seeded generator.
+    """A ``batches(step)`` function drawing ``batch`` random rows of ``(x, y)`` (see :func:`batch_stream`).
 
     Examples:
         >>> draw = random_batches(torch.arange(10.0), torch.arange(10), batch=3, seed=0)
         >>> draw(0)[0].shape
         torch.Size([3])
     """
-    gen = torch.Generator().manual_seed(seed)
 
-    def batches(step: int) -> tuple[Tensor, Tensor]:
+    def draw(gen: torch.Generator) -> tuple[Tensor, Tensor]:
         idx = torch.randint(0, len(x), (batch,), generator=gen)
         return x[idx], y[idx]
 
-    return batches
+    return batch_stream(seed, draw)
 
 
 def seeded(seed: int, factory: Callable[[], nn.Module]) -> nn.Module:
@@ -135,17 +155,19 @@ def seeded(seed: int, factory: Callable[[], nn.Module]) -> nn.Module:
 
 
 def summarize(rows: Sequence[dict[str, Any]], by: str, metrics: Sequence[str]) -> str:
-    """A markdown table: one line per value of ``by``, mean +- std of each metric over the rows.
+    """A markdown table: one line per value of ``by``, mean +- std of each metric over the rows,
+    then each run's value of the first metric in order (seed by seed, for paired comparisons).
 
     Examples:
         >>> rows = [{"variant": "a", "acc": 0.5}, {"variant": "a", "acc": 0.7}, {"variant": "b", "acc": 0.9}]
         >>> print(summarize(rows, "variant", ["acc"]))
-        | variant | acc | runs |
-        |---|---|---|
-        | a | 0.600 +- 0.141 | 2 |
-        | b | 0.900 | 1 |
+        | variant | acc | runs | acc per run |
+        |---|---|---|---|
+        | a | 0.600 +- 0.141 | 2 | 0.500 / 0.700 |
+        | b | 0.900 | 1 | 0.900 |
     """
-    lines = [f"| {by} | " + " | ".join(metrics) + " | runs |", "|---|" + "---|" * (len(metrics) + 1)]
+    header = f"| {by} | " + " | ".join(metrics) + f" | runs | {metrics[0]} per run |"
+    lines = [header, "|---|" + "---|" * (len(metrics) + 2)]
     for key in dict.fromkeys(row[by] for row in rows):
         group = [row for row in rows if row[by] == key]
         cells = []
@@ -153,5 +175,6 @@ def summarize(rows: Sequence[dict[str, Any]], by: str, metrics: Sequence[str]) -
             values = [float(row[metric]) for row in group]
             mean = statistics.fmean(values)
             cells.append(f"{mean:.3f} +- {statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}")
-        lines.append(f"| {key} | " + " | ".join(cells) + f" | {len(group)} |")
+        runs = " / ".join(f"{float(row[metrics[0]]):.3f}" for row in group)
+        lines.append(f"| {key} | " + " | ".join(cells) + f" | {len(group)} | {runs} |")
     return "\n".join(lines)

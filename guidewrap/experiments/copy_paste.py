@@ -13,12 +13,23 @@ Examples:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CopyPasteTask", "StackedRNN", "CausalTransformer", "train_copy_paste"]
+from .common import batch_stream, fit
+
+__all__ = [
+    "CopyPasteTask",
+    "StackedRNN",
+    "CausalTransformer",
+    "task_loss",
+    "task_batches",
+    "held_out_accuracy",
+    "train_copy_paste",
+]
 
 IGNORE = -100
 
@@ -97,6 +108,35 @@ def accuracy(logits: Tensor, labels: Tensor) -> float:
     return float((logits.argmax(-1)[keep] == labels[keep]).float().mean())
 
 
+def task_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy on the positions to reproduce (``-100`` labels ignored)."""
+    return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+
+
+def held_out_accuracy(model: nn.Module, task: CopyPasteTask, seed: int, eval_batches: int = 4) -> float:
+    """Token accuracy on ``eval_batches`` x 256 held-out sequences (generator seeded ``10_000 + seed``)."""
+    held_out = torch.Generator().manual_seed(10_000 + seed)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        accs = [
+            accuracy(model(b["input_ids"]), b["labels"])
+            for b in (task.sample(256, generator=held_out) for _ in range(eval_batches))
+        ]
+    model.train(was_training)
+    return sum(accs) / len(accs)
+
+
+def task_batches(task: CopyPasteTask, batch: int, seed: int) -> Callable[[int], tuple[Tensor, Tensor]]:
+    """A fresh seeded stream of ``(input_ids, labels)`` training batches (see ``common.batch_stream``)."""
+
+    def draw(gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        b = task.sample(batch, generator=gen)
+        return b["input_ids"], b["labels"]
+
+    return batch_stream(seed, draw)
+
+
 def train_copy_paste(
     seed: int,
     guided: bool,
@@ -108,40 +148,25 @@ def train_copy_paste(
     eval_batches: int = 4,
     weight: float = 0.25,
 ) -> float:
-    """Train a 4-layer tanh RNN (optionally guided by an untrained 4-layer Transformer); return
-    held-out token accuracy.
+    """Train a 4-layer tanh RNN, alone or guided (by ``guide``, default an untrained 4-layer
+    Transformer); return held-out token accuracy.
 
     ``weight`` 0.25: guidewrap pairs all 24 hooked guide layers with the 4 RNN layers (24 terms),
     where the paper's code kept one guide layer per target layer (4 terms); a smaller weight keeps
-    the term's scale nearer the paper's. Measured (500 steps): weight 1 gave 0.186 / 0.162 / 0.151 on
-    seeds 0 / 1 / 2, weight 0.25 gave 0.210 on seed 0 and 0.225 on seed 2 (baseline 0.126-0.127).
-    """
-    from guidewrap import GuidedModel
+    the term's scale nearer the paper's. Measured (500 steps, ``tests/test_reproduction.py``): weight
+    0.25 gave 0.222 / 0.219 / 0.196 on seeds 0 / 1 / 2 against 0.127 / 0.126 / 0.126 alone
+    (docs/results.md).
 
+    Examples:
+        >>> task = CopyPasteTask(min_len=2, max_len=3, symbols=3)
+        >>> 0.0 <= train_copy_paste(0, guided=True, steps=2, batch=8, task=task, eval_batches=1) <= 1.0
+        True
+    """
     task = task or CopyPasteTask()
     torch.manual_seed(seed)
     target = StackedRNN(task.vocab)
-    model: nn.Module = target
-    if guided:
-        model = GuidedModel(target, guide if guide is not None else CausalTransformer(task.vocab), weight=weight)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    data = torch.Generator().manual_seed(seed)
-    loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE)
-    for _ in range(steps):
-        b = task.sample(batch, generator=data)
-        logits = model(b["input_ids"])
-        loss = loss_fn(logits.flatten(0, 1), b["labels"].flatten())
-        if guided:
-            loss = loss + model.alignment_loss
-        opt.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-    target.eval()
-    held_out = torch.Generator().manual_seed(10_000 + seed)
-    with torch.no_grad():
-        accs = [
-            accuracy(target(b["input_ids"]), b["labels"])
-            for b in (task.sample(256, generator=held_out) for _ in range(eval_batches))
-        ]
-    return sum(accs) / len(accs)
+    if guided and guide is None:
+        guide = CausalTransformer(task.vocab)  # built right after the target, under the same seed
+    mode = "guided" if guided else "none"
+    fit(target, task_batches(task, batch, seed), task_loss, steps, guide=guide, mode=mode, lr=lr, weight=weight)
+    return held_out_accuracy(target, task, seed, eval_batches)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .copy_paste import StackedRNN
 
-__all__ = ["RNNLanguageModel", "CharCorpus", "tiny_gpt2", "BUILTIN_TEXT", "perplexity"]
+__all__ = ["RNNLanguageModel", "CharCorpus", "tiny_gpt2", "BUILTIN_TEXT", "perplexity", "python_docs_text"]
 
 IGNORE = -100
 
@@ -41,6 +41,20 @@ BUILTIN_TEXT = (
     "to take out of it, and burning with curiosity, she ran across the field after it, and fortunately was just "
     "in time to see it pop down a large rabbit-hole under the hedge. "
 )
+
+
+def python_docs_text() -> str:
+    """A real English text that every CPython install has offline: the reference documentation
+    behind ``help()`` (``pydoc_data.topics``, about 465,000 characters), topics in sorted order.
+
+    Examples:
+        >>> text = python_docs_text()
+        >>> len(text) > 100_000
+        True
+    """
+    from pydoc_data.topics import topics
+
+    return "\n".join(topics[key] for key in sorted(topics))
 
 
 class RNNLanguageModel(nn.Module):

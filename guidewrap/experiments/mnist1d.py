@@ -13,7 +13,6 @@ Examples:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..model import GuidedModel
-from .common import distillation_loss
+from .common import distillation_loss, fit, random_batches
 from .images import accuracy
 
 __all__ = ["VARIANTS", "load_mnist1d", "deep_mlp", "cnn1d", "distillation_loss", "RunResult", "train_variant"]
@@ -141,37 +140,31 @@ def train_variant(
     target = deep_mlp()
     guide = (guide_factory or cnn1d)()  # the guide is untrained: its architecture is the prior
     guide.eval()
-    model: nn.Module = target
-    guided: GuidedModel | None = None
-    if variant == "guided":
-        guided = GuidedModel(target, guide, weight=weight)
-        model = guided
-    elif variant == "pre_align":
+    if variant == "pre_align":
         noise_shaped = data["x"][:batch]
         GuidedModel(target, guide, guide_inputs="noise", weight=weight).pre_align(noise_shaped, steps=pre_align_steps)
-    opt = torch.optim.Adam(target.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
     x, y = data["x"], data["y"]
     curve: list[tuple[int, float, float]] = []
-    for step in range(1, steps + 1):
-        idx = torch.randint(0, len(x), (batch,), generator=gen)
-        xb, yb = x[idx], y[idx]
-        logits = model(xb)
-        loss = nn.functional.cross_entropy(logits, yb)
-        if guided is not None:
-            loss = loss + guided.alignment_loss
-        if variant == "distill":
-            with torch.no_grad():
-                teacher = guide(xb)
-            loss = loss + distillation_loss(logits, teacher)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"{variant}: non-finite loss at step {step}")
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+
+    def evaluate(step: int) -> None:
         if step % eval_every == 0 or step == steps:
             curve.append((step, accuracy(target, x, y), accuracy(target, data["x_test"], data["y_test"])))
-        if progress is not None:
-            progress(1)
+
+    mode = {"guided": "guided", "distill": "distill"}.get(variant, "none")
+    batches = random_batches(x, y, batch, seed)
+    # No gradient clipping: the demo's published figures were measured without it.
+    fit(
+        target,
+        batches,
+        nn.functional.cross_entropy,
+        steps,
+        guide=guide,
+        mode=mode,
+        lr=lr,
+        clip=None,
+        progress=progress,
+        callback=evaluate,
+        weight=weight,
+    )
     _, train_acc, test_acc = curve[-1]
     return RunResult(variant, seed, train_acc, test_acc, curve)
