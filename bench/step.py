@@ -157,7 +157,7 @@ def _first(out: object) -> torch.Tensor:
 def _report(title: str, med: dict[str, float]) -> None:
     print(title)
     for name, value in med.items():
-        print(f"  {name:<9} {value * 1e3:9.1f} ms")
+        print(f"  {name:<18} {value * 1e3:9.1f} ms")
 
 
 def main(
