@@ -511,6 +511,10 @@ class GuidanceEngine:
                     SkippedPairWarning,
                     stacklevel=4,
                 )
+        # The autograd graph keeps what the backward needs; holding the captures here would keep a
+        # step's activations and guide Grams alive until the next forward (per live wrapper).
+        self._target_out.clear()
+        self._prepared.clear()
         return loss
 
     def _subsample(self, x: Tensor, layer: tuple[str, str]) -> Tensor:
