@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.guidewrap-installed
 
-.PHONY: test demo lint wheel-check docs
+.PHONY: test demo lint wheel-check docs docs-check data
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,3 +30,15 @@ wheel-check: $(STAMP)
 	$(PY) -c "import sys, zipfile, glob; names = zipfile.ZipFile(glob.glob('build/wheel/guidewrap-*.whl')[0]).namelist(); \
 	missing = [f for f in ('guidewrap/__init__.py', 'guidewrap/py.typed', 'guidewrap/metrics.py') if f not in names]; \
 	sys.exit(f'wheel lacks {missing}') if missing else print('wheel ok:', len(names), 'files')"
+
+# Fashion-MNIST for the image experiments (examples/fashion_mnist.py): Debian's offline copy.
+# Only the image study needs it; nothing else in the project needs a system package.
+data:
+	@test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+	@ls /usr/share/datasets/fashion-mnist/*.gz
+
+# Headless Chromium loads the built results page and fails if an image does not load (not run in CI).
+docs-check: docs
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+	bash .ci/docs-check build/site results/index.html

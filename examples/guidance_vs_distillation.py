@@ -11,14 +11,14 @@ from __future__ import annotations
 import argparse
 
 from guidewrap.experiments.common import summarize
-from guidewrap.experiments.mnist1d import load_mnist1d, train_variant
+from guidewrap.experiments.mnist1d import DEMO_STEPS, DEMO_TRAIN_SAMPLES, load_mnist1d, train_variant
 
 
-def main(seeds: tuple[int, ...] = (0,), steps: int = 2000, smoke: bool = False) -> list[dict]:
+def main(seeds: tuple[int, ...] = (0,), steps: int = DEMO_STEPS, smoke: bool = False) -> list[dict]:
     samples = 400 if smoke else 10_000
     if smoke:
         steps = 3
-    data = load_mnist1d(num_samples=samples)
+    data = load_mnist1d(num_samples=samples, val_samples=64 if smoke else 1000, train_samples=DEMO_TRAIN_SAMPLES)
     rows = []
     for seed in seeds:
         for variant in ("baseline", "guided", "distill"):
@@ -32,7 +32,7 @@ def main(seeds: tuple[int, ...] = (0,), steps: int = 2000, smoke: bool = False) 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=DEMO_STEPS)
     parser.add_argument("--smoke", action="store_true", help="tiny (used by the tests)")
     a = parser.parse_args()
     main(tuple(a.seeds), a.steps, a.smoke)

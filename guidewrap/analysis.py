@@ -21,13 +21,13 @@ import torch
 from torch import Tensor, nn
 
 from .capture import extract, features
-from .errors import EmptyPlanError
+from .errors import ConfigError, EmptyPlanError
 from .inputs import first_tensor, normalize_call
 from .layers import DEFAULT_LAYER_TYPES, _is_candidate, _no_side_effects, describe
 from .metrics import get_metric
 from .utils import unwrap_model
 
-__all__ = ["SimilarityMatrix", "similarity_matrix"]
+__all__ = ["SimilarityMatrix", "similarity_matrix", "error_consistency"]
 
 
 @dataclass
@@ -145,3 +145,44 @@ def similarity_matrix(
             for j, y in enumerate(feats_b.values()):
                 values[i, j] = 1.0 - measure.distance(x.float(), y.float())
     return SimilarityMatrix(list(feats_a), list(feats_b), values)
+
+
+def error_consistency(
+    pred_a: Sequence[int] | Tensor, pred_b: Sequence[int] | Tensor, labels: Sequence[int] | Tensor
+) -> float:
+    """Error consistency of two classifiers (Geirhos et al., 2020): Cohen's kappa of their
+    trial-by-trial agreement on being right or wrong, beyond what their accuracies alone predict.
+
+    ``c_obs`` is the fraction of trials where both are right or both are wrong; two independent
+    classifiers with accuracies ``p_a`` and ``p_b`` would agree on ``c_exp = p_a p_b + (1 - p_a)(1 - p_b)``
+    of them; the result is ``(c_obs - c_exp) / (1 - c_exp)``: 1 when they err on exactly the same
+    trials, about 0 for independent errors, negative when one tends to be wrong where the other is
+    right. The paper uses it to show that guided networks inherit their guide's errors.
+
+    Raises :class:`~guidewrap.errors.ConfigError` for inputs of different lengths, empty inputs,
+    or when ``c_exp`` is 1 (both always right, or both always wrong: kappa is undefined).
+
+    Examples:
+        >>> labels = [0, 0, 0, 0]
+        >>> error_consistency([0, 0, 1, 1], [0, 0, 1, 1], labels)  # the same errors
+        1.0
+        >>> error_consistency([0, 0, 1, 1], [1, 1, 0, 0], labels)  # opposite errors
+        -1.0
+        >>> error_consistency([0, 1, 0, 1], [0, 0, 1, 1], labels)  # independent errors
+        0.0
+    """
+    a, b, y = (torch.as_tensor(v).reshape(-1) for v in (pred_a, pred_b, labels))
+    if not (len(a) == len(b) == len(y)):
+        raise ConfigError(f"error_consistency needs equally long inputs, got {len(a)}, {len(b)} and {len(y)}")
+    if len(y) == 0:
+        raise ConfigError("error_consistency needs at least one trial")
+    right_a, right_b = (a == y).double(), (b == y).double()
+    p_a, p_b = float(right_a.mean()), float(right_b.mean())
+    c_obs = float((right_a == right_b).double().mean())
+    c_exp = p_a * p_b + (1 - p_a) * (1 - p_b)
+    if c_exp >= 1.0:
+        raise ConfigError(
+            f"error consistency is undefined when both classifiers are always right or always wrong "
+            f"(accuracies {p_a:.3f} and {p_b:.3f})"
+        )
+    return (c_obs - c_exp) / (1 - c_exp)

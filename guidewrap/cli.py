@@ -117,7 +117,7 @@ def _cmd_similarity(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .experiments.mnist1d import DESCRIPTIONS, VARIANTS, load_mnist1d, train_variant
+    from .experiments.mnist1d import DEMO_TRAIN_SAMPLES, DESCRIPTIONS, VARIANTS, load_mnist1d, train_variant
 
     try:
         from tqdm.auto import tqdm
@@ -131,8 +131,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise CommandError("--steps must be >= 1, --samples >= 100 and --weight >= 0")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"MNIST-1D ({args.samples} samples, generated locally), deep MLP (8 x 256) vs an untrained 1-D CNN guide")
-    data = load_mnist1d(num_samples=args.samples)
+    val_samples = min(1000, int(args.samples * 0.8) // 5)
+    train_samples = args.train_samples or DEMO_TRAIN_SAMPLES
+    data = load_mnist1d(num_samples=args.samples, val_samples=val_samples, train_samples=train_samples)
+    print(
+        f"MNIST-1D (generated locally): {len(data['x'])} training, {len(data['x_val'])} validation, "
+        f"{len(data['x_test'])} test signals; deep MLP (8 x 256) vs an untrained 1-D CNN guide, "
+        f"{args.steps} steps, seeds {args.seeds}, {torch_threads()} torch thread(s)"
+    )
     results = []
     start = time.perf_counter()
     for seed in args.seeds:
@@ -149,7 +155,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _demo_table(results: list[Any], variants: list[str], descriptions: dict[str, str]) -> str:
+    import math
     import statistics
 
     def fmt(values: list[float]) -> str:
@@ -157,17 +170,45 @@ def _demo_table(results: list[Any], variants: list[str], descriptions: dict[str,
         return f"{mean:.3f} +- {statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}"
 
     lines = [
-        "| variant | what | train acc | test acc | gap (train - test) |",
-        "|---|---|---|---|---|",
+        "| variant | what | train acc | test acc | gap (train - test) | test acc per seed |",
+        "|---|---|---|---|---|---|",
     ]
+    by_variant = {v: {r.seed: r for r in results if r.variant == v} for v in variants}
     for variant in variants:
-        rows = [r for r in results if r.variant == variant]
+        rows = list(by_variant[variant].values())
+        per_seed = " / ".join(f"{r.test_acc:.3f}" for r in rows)
         lines.append(
             f"| {variant} | {descriptions[variant]} | {fmt([r.train_acc for r in rows])} | "
-            f"{fmt([r.test_acc for r in rows])} | {fmt([r.gap for r in rows])} |"
+            f"{fmt([r.test_acc for r in rows])} | {fmt([r.gap for r in rows])} | {per_seed} |"
         )
     seeds = sorted({r.seed for r in results})
-    lines.append(f"\nseeds: {', '.join(map(str, seeds))}; mean +- std over seeds where more than one")
+    lines.append(
+        f"\nseeds: {', '.join(map(str, seeds))}; mean +- std over seeds; each run scored at its best-validation "
+        "evaluation (test accuracy there, never used to choose)"
+    )
+    if "baseline" in by_variant and "guided" in by_variant:
+        base, guided = by_variant["baseline"], by_variant["guided"]
+        diffs = [guided[s].test_acc - base[s].test_acc for s in seeds if s in base and s in guided]
+        if len(diffs) > 1:
+            mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+            se = sd / math.sqrt(len(diffs))
+            larger_sd = max(
+                statistics.stdev(r.test_acc for r in base.values()),
+                statistics.stdev(r.test_acc for r in guided.values()),
+            )
+            lines.append(
+                f"paired guided - baseline (same seed, same batches): {mean:+.3f} (SE {se:.3f}); "
+                f"per seed {' / '.join(f'{d:+.3f}' for d in diffs)}"
+            )
+            if mean > larger_sd:
+                verdict = f"guidance helps: guided beats baseline by more than either's std ({larger_sd:.3f})"
+            elif mean > 0:
+                verdict = f"guided ahead, but within the spread of the runs (std {larger_sd:.3f}): not conclusive"
+            else:
+                verdict = "no gain from guidance on these seeds"
+            lines.append(f"verdict: {verdict}")
+        elif diffs:
+            lines.append(f"guided - baseline on seed {seeds[0]}: {diffs[0]:+.3f} (run 2+ seeds for a verdict)")
     return "\n".join(lines)
 
 
@@ -183,7 +224,7 @@ def _demo_plot(results: list[Any], variants: list[str], path: Path) -> Path:
         steps = [c[0] for c in r.curve]
         label = r.variant if r.seed == results[0].seed else None
         axes[0].plot(steps, [c[1] for c in r.curve], color=colors[r.variant], label=label, alpha=0.8)
-        axes[1].plot(steps, [c[2] for c in r.curve], color=colors[r.variant], label=label, alpha=0.8)
+        axes[1].plot(steps, [c[3] for c in r.curve], color=colors[r.variant], label=label, alpha=0.8)
     for ax, title in zip(axes, ("train accuracy", "test accuracy"), strict=True):
         ax.set_title(title)
         ax.set_xlabel("step")
@@ -204,9 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
 
     demo = sub.add_parser("demo", help="deep MLP alone / guided / pre-aligned / distilled on MNIST-1D (offline)")
-    demo.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to run (default 0)")
-    demo.add_argument("--steps", type=int, default=2000, help="training steps per run (default 2000)")
-    demo.add_argument("--samples", type=int, default=10_000, help="MNIST-1D samples, 80%% train (default 10000)")
+    demo.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to run (default 0 1 2)")
+    demo.add_argument("--steps", type=int, default=1000, help="training steps per run (default 1000)")
+    demo.add_argument(
+        "--samples", type=int, default=10_000, help="MNIST-1D samples generated, 80%% train (default 10000)"
+    )
+    demo.add_argument("--train-samples", type=int, help="training signals kept (default 2000; validation: 1000 others)")
     demo.add_argument("--variants", nargs="+", help="subset of: baseline guided pre_align distill")
     demo.add_argument("--weight", type=float, default=0.5, help="guidance weight (default 0.5)")
     demo.add_argument("--out", default="guidewrap-demo", help="output folder for the table and PNG")

@@ -91,7 +91,7 @@ def test_similarity_matrix_of_a_model_with_itself_has_unit_diagonal() -> None:
 
 
 def test_variants_train_and_distillation_uses_the_teacher() -> None:
-    data = load_mnist1d(num_samples=300)
+    data = load_mnist1d(num_samples=300, val_samples=40)
     results = {v: train_variant(v, data, steps=5, batch=32, eval_every=5) for v in ("baseline", "distill")}
     assert all(0 <= r.test_acc <= 1 for r in results.values())
     assert results["baseline"].curve != results["distill"].curve  # the teacher's logits changed training
