@@ -9,11 +9,15 @@ speedup_vs_textbook_min=<x>.
 from __future__ import annotations
 
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from guidewrap._reference import linear_cka_textbook
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # float64 references
+from reference import linear_cka_textbook  # noqa: E402
+
 from guidewrap.metrics import linear_cka
 
 

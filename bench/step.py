@@ -20,15 +20,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
 from guidewrap import GuidedModel
-from guidewrap._reference import linear_cka_textbook
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # float64 references
+from reference import linear_cka_textbook  # noqa: E402
 
 
 def deep_fcn(depth: int = 24, width: int = 1024, d_in: int = 3 * 32 * 32, classes: int = 10) -> nn.Sequential:

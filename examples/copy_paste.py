@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from guidewrap.experiments.common import fit, seeded, summarize
-from guidewrap.experiments.copy_paste import (
+from lab.common import fit, seeded, summarize
+from lab.copy_paste import (
     CausalTransformer,
     CopyPasteTask,
     held_out_accuracy,
@@ -20,7 +20,7 @@ from guidewrap.experiments.copy_paste import (
     train_copy_paste,
 )
 
-# Over the 24 pairs (see guidewrap.experiments.copy_paste.train_copy_paste).
+# Over the 24 pairs (see `examples/lab/copy_paste.py`'s `train_copy_paste`).
 WEIGHT = 0.25
 
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 import argparse
 
 import torchvision
+from lab.common import fit, random_batches, seeded, summarize
+from lab.images import accuracy, load_images, plain_convnet
 from torch import nn
-
-from guidewrap.experiments.common import fit, random_batches, seeded, summarize
-from guidewrap.experiments.images import accuracy, load_images, plain_convnet
 
 
 def main(

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from guidewrap.experiments.mnist1d import DEMO_STEPS, DEMO_TRAIN_SAMPLES, VARIANTS, load_mnist1d, train_variant
+from guidewrap.tasks import DEMO_STEPS, DEMO_TRAIN_SAMPLES, VARIANTS, load_mnist1d, train_variant
 
 
 def cpu_model() -> str:

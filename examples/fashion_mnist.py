@@ -40,10 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from demo_study import cpu_model  # noqa: E402
 from fashion_data import load_fashion_mnist, write_idx  # noqa: E402
+from lab.common import distillation_loss  # noqa: E402
 
 from guidewrap import GuidedModel  # noqa: E402
 from guidewrap.analysis import error_consistency  # noqa: E402
-from guidewrap.experiments.common import distillation_loss  # noqa: E402
 
 FCN_VARIANTS = ("alone", "guided_untrained", "guided_trained", "init_noise", "distill_untrained", "distill_trained")
 CONV_VARIANTS = ("conv_alone", "conv_guided_untrained", "conv_guided_trained")

@@ -12,10 +12,9 @@ import argparse
 
 import torch
 import torchvision
+from lab.common import fit, random_batches, seeded, summarize
+from lab.images import accuracy, deep_fcn, load_images
 from torch import nn
-
-from guidewrap.experiments.common import fit, random_batches, seeded, summarize
-from guidewrap.experiments.images import accuracy, deep_fcn, load_images
 
 
 def main(

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 
-from guidewrap.experiments.common import summarize
-from guidewrap.experiments.mnist1d import DEMO_STEPS, DEMO_TRAIN_SAMPLES, load_mnist1d, train_variant
+from lab.common import summarize
+
+from guidewrap.tasks import DEMO_STEPS, DEMO_TRAIN_SAMPLES, load_mnist1d, train_variant
 
 
 def main(seeds: tuple[int, ...] = (0,), steps: int = DEMO_STEPS, smoke: bool = False) -> list[dict]:

@@ -14,11 +14,10 @@ import argparse
 from pathlib import Path
 
 import torch
+from lab.common import batch_stream, fit, seeded, summarize
+from lab.copy_paste import CausalTransformer, StackedRNN
+from lab.language import BUILTIN_TEXT, CharCorpus, perplexity, python_docs_text
 from torch import nn
-
-from guidewrap.experiments.common import batch_stream, fit, seeded, summarize
-from guidewrap.experiments.copy_paste import CausalTransformer, StackedRNN
-from guidewrap.experiments.language import BUILTIN_TEXT, CharCorpus, perplexity, python_docs_text
 
 # Over the 24 pairs (4 RNN layers x every hooked Transformer layer).
 WEIGHT = 0.05

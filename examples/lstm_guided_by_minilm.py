@@ -23,10 +23,9 @@ import time
 from pathlib import Path
 
 import torch
+from lab.common import batch_stream, fit, seeded, summarize
+from lab.language import BUILTIN_TEXT, perplexity, python_docs_text
 from torch import Tensor, nn
-
-from guidewrap.experiments.common import batch_stream, fit, seeded, summarize
-from guidewrap.experiments.language import BUILTIN_TEXT, perplexity, python_docs_text
 
 
 class LSTMLanguageModel(nn.Module):

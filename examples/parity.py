@@ -11,10 +11,9 @@ from __future__ import annotations
 import argparse
 
 import torch
+from lab.common import batch_stream, fit, seeded, summarize
+from lab.parity import ParityRNN, ParityTask, ParityTransformer
 from torch import nn
-
-from guidewrap.experiments.common import batch_stream, fit, seeded, summarize
-from guidewrap.experiments.parity import ParityRNN, ParityTask, ParityTransformer
 
 
 def main(seeds: tuple[int, ...] = (0,), steps: int = 1000, guide_steps: int = 1000, smoke: bool = False) -> list[dict]:

@@ -13,9 +13,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+from lab.language import BUILTIN_TEXT, CharCorpus, RNNLanguageModel, perplexity, tiny_gpt2
 from transformers import Trainer, TrainingArguments
 
-from guidewrap.experiments.language import BUILTIN_TEXT, CharCorpus, RNNLanguageModel, perplexity, tiny_gpt2
 from guidewrap.integrations.transformers import guide_trainer  # <- guidewrap
 
 

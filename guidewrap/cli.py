@@ -1,7 +1,7 @@
 """The ``guidewrap`` command line: ``demo``, ``plan`` and ``similarity``.
 
 Examples:
-    >>> main(["plan", "guidewrap.experiments.mnist1d:deep_mlp", "guidewrap.experiments.mnist1d:cnn1d",
+    >>> main(["plan", "guidewrap.tasks:deep_mlp", "guidewrap.tasks:cnn1d",
     ...       "--target-args", "depth=2,width=8", "--guide-args", "depth=2,channels=4",
     ...       "--input-shape", "16,40"])  # doctest: +ELLIPSIS
     guidance plan: 2 pairs
@@ -117,7 +117,7 @@ def _cmd_similarity(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .experiments.mnist1d import DEMO_TRAIN_SAMPLES, DESCRIPTIONS, VARIANTS, load_mnist1d, train_variant
+    from .tasks import DEMO_TRAIN_SAMPLES, DESCRIPTIONS, VARIANTS, load_mnist1d, train_variant
 
     try:
         from tqdm.auto import tqdm

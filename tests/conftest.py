@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
+
+# The examples' shared lab code (tasks and models of the paper's experiments) lives outside the
+# installed package, in examples/lab; the tests import it from there.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 
 def mlp(d_in: int = 8, width: int = 16, depth: int = 3, d_out: int = 3) -> nn.Sequential:

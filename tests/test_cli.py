@@ -9,7 +9,7 @@ import torch
 
 from guidewrap.analysis import similarity_matrix
 from guidewrap.cli import main
-from guidewrap.experiments.mnist1d import cnn1d, deep_mlp, load_mnist1d, train_variant
+from guidewrap.tasks import cnn1d, deep_mlp, load_mnist1d, train_variant
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -75,7 +75,7 @@ def test_help_everywhere(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_similarity_writes_png_and_prints_matrix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "heat.png"
-    argv = ["similarity", "guidewrap.experiments.mnist1d:deep_mlp", "guidewrap.experiments.mnist1d:cnn1d"]
+    argv = ["similarity", "guidewrap.tasks:deep_mlp", "guidewrap.tasks:cnn1d"]
     assert main([*argv, "--input-shape", "64,40", "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == PNG_MAGIC
     printed = capsys.readouterr().out

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from guidewrap.experiments.copy_paste import CopyPasteTask, train_copy_paste
+from lab.copy_paste import CopyPasteTask, train_copy_paste
 
 
 @pytest.mark.slow

@@ -12,10 +12,10 @@ import torch
 from torch.utils.data import SequentialSampler
 
 transformers = pytest.importorskip("transformers")
+from lab.language import CharCorpus, RNNLanguageModel, tiny_gpt2  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from guidewrap import ConfigError, GuidedModel  # noqa: E402
-from guidewrap.experiments.language import CharCorpus, RNNLanguageModel, tiny_gpt2  # noqa: E402
 from guidewrap.integrations.transformers import GuidanceCallback, guide_trainer  # noqa: E402
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40

@@ -1,5 +1,9 @@
-"""The demo: a deep fully connected net on MNIST-1D, alone, guided by an untrained 1-D CNN, with
-guidance only as noise pre-alignment, and distilled from the same untrained CNN's logits.
+"""The built-in offline task behind ``guidewrap demo``: a deep fully connected net on MNIST-1D, alone,
+guided by an untrained 1-D CNN, with guidance only as noise pre-alignment, and distilled from the same
+untrained CNN's logits; plus the small training loop (:func:`fit`) it runs on.
+
+Studies and the paper's other tasks live in the repository's ``examples/`` (``examples/lab``), not
+in the installed package.
 
 MNIST-1D (Greydanus, 2020) is generated locally by the ``mnist1d`` package: 1-D signals of
 40 points whose class is a shifted, scaled, noisy template, built so that spatial inductive
@@ -20,6 +24,7 @@ Examples:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,9 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..model import GuidedModel
-from .common import distillation_loss, fit, random_batches
-from .images import accuracy
+from .model import GuidedModel
 
 __all__ = [
     "VARIANTS",
@@ -40,10 +43,17 @@ __all__ = [
     "load_mnist1d",
     "deep_mlp",
     "cnn1d",
-    "distillation_loss",
     "RunResult",
     "train_variant",
+    "MODES",
+    "fit",
+    "distillation_loss",
+    "batch_stream",
+    "random_batches",
+    "accuracy",
 ]
+
+MODES = ("none", "guided", "distill")
 
 VARIANTS = ("baseline", "guided", "pre_align", "distill")
 DESCRIPTIONS = {
@@ -236,3 +246,136 @@ def train_variant(
         layers=pairs,
     )
     return RunResult.from_curve(variant, seed, curve)
+
+
+# --------------------------------------------------------------------------- the training loop
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
+    """Hinton et al.'s logit distillation: ``T^2 KL(softmax(t / T) || softmax(s / T))`` (last dim = classes).
+
+    Examples:
+        >>> z = torch.randn(4, 10)
+        >>> float(distillation_loss(z, z)) == 0.0
+        True
+    """
+    log_p = nn.functional.log_softmax(student_logits.flatten(0, -2) / temperature, dim=-1)
+    log_q = nn.functional.log_softmax(teacher_logits.flatten(0, -2) / temperature, dim=-1)
+    return nn.functional.kl_div(log_p, log_q, log_target=True, reduction="batchmean") * temperature**2
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+def fit(
+    target: nn.Module,
+    batches: Callable[[int], tuple[Any, Any]],
+    loss_fn: Callable[[Any, Any], Tensor],
+    steps: int,
+    guide: nn.Module | None = None,
+    mode: str = "guided",
+    lr: float = 1e-3,
+    clip: float | None = 1.0,
+    logits: Callable[[Any], Tensor] = lambda out: out,
+    progress: Callable[[int], Any] | None = None,
+    callback: Callable[[int], Any] | None = None,
+    **guidance: Any,
+) -> list[float]:
+    """Train ``target`` with Adam for ``steps`` steps; returns the task loss per step.
+
+    ``batches(step)`` gives ``(inputs, labels)`` (inputs a tensor or a dict of keyword
+    arguments); ``loss_fn(output, labels)`` the task loss. ``mode`` is ``"none"`` (the target
+    alone, ``guide`` ignored), ``"guided"`` (plus the alignment term; ``guidance`` keywords go to
+    :class:`~guidewrap.GuidedModel`) or ``"distill"`` (plus logit distillation from ``guide``,
+    reading logits from outputs with ``logits``). ``clip`` is the gradient-norm limit (``None``:
+    no clipping); ``progress(1)`` is called after every step (a tqdm bar's ``update``) and
+    ``callback(steps_done)`` too (evaluation curves).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode != "none" and guide is None:
+        raise ValueError(f"mode={mode!r} needs a guide")
+    opt = torch.optim.Adam(target.parameters(), lr=lr)
+    model: nn.Module = target
+    guided: GuidedModel | None = None
+    if mode == "guided":
+        guided = GuidedModel(target, guide, optimizer=opt, **guidance)
+        model = guided
+    elif mode == "distill":
+        guide.eval().requires_grad_(False)  # type: ignore[union-attr]
+    target.train()
+    losses = []
+    for step in range(steps):
+        inputs, labels = batches(step)
+        out = _call(model, inputs)
+        task = loss_fn(out, labels)
+        loss = task
+        if guided is not None:
+            loss = loss + guided.alignment_loss
+        if mode == "distill":
+            with torch.no_grad():
+                teacher = logits(_call(guide, inputs))  # type: ignore[arg-type]
+            loss = loss + distillation_loss(logits(out), teacher)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"non-finite loss at step {step} ({mode})")
+        opt.zero_grad()
+        loss.backward()
+        if clip is not None:
+            nn.utils.clip_grad_norm_(target.parameters(), clip)
+        opt.step()
+        losses.append(task.item())
+        if progress is not None:
+            progress(1)
+        if callback is not None:
+            callback(step + 1)
+    target.eval()
+    return losses
+
+
+def batch_stream(seed: int, draw: Callable[[torch.Generator], tuple[Any, Any]]) -> Callable[[int], tuple[Any, Any]]:
+    """A ``batches(step)`` function calling ``draw(generator)`` with its own generator seeded ``seed``.
+
+    Build a fresh stream for every variant: streams with the same seed give the same batches,
+    so variants are compared on identical data.
+
+    Examples:
+        >>> a = batch_stream(0, lambda g: (torch.rand(2, generator=g), None))
+        >>> b = batch_stream(0, lambda g: (torch.rand(2, generator=g), None))
+        >>> torch.equal(a(0)[0], b(0)[0])
+        True
+    """
+    gen = torch.Generator().manual_seed(seed)
+    return lambda step: draw(gen)
+
+
+def random_batches(x: Tensor, y: Tensor, batch: int, seed: int) -> Callable[[int], tuple[Tensor, Tensor]]:
+    """A ``batches(step)`` function drawing ``batch`` random rows of ``(x, y)`` (see :func:`batch_stream`).
+
+    Examples:
+        >>> draw = random_batches(torch.arange(10.0), torch.arange(10), batch=3, seed=0)
+        >>> draw(0)[0].shape
+        torch.Size([3])
+    """
+
+    def draw(gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        idx = torch.randint(0, len(x), (batch,), generator=gen)
+        return x[idx], y[idx]
+
+    return batch_stream(seed, draw)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int = 1000) -> float:
+    """Top-1 accuracy in eval mode.
+
+    Examples:
+        >>> accuracy(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)), torch.zeros(4, 3, 32, 32),
+        ...          torch.zeros(4, dtype=torch.long)) in (0.0, 1.0)
+        True
+    """
+    was_training = model.training
+    model.eval()
+    hits = sum(int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(x), batch))
+    model.train(was_training)
+    return hits / len(x)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from guidewrap.tasks import accuracy
+
 __all__ = ["load_images", "deep_fcn", "plain_convnet", "accuracy"]
 
 
@@ -69,19 +71,3 @@ def plain_convnet(depth: int, channels: int = 64, classes: int = 10) -> nn.Seque
         layers += [nn.Conv2d(c_in, channels, 3, stride=stride, padding=1), nn.BatchNorm2d(channels), nn.ReLU()]
         c_in = channels
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, classes))
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int = 1000) -> float:
-    """Top-1 accuracy in eval mode.
-
-    Examples:
-        >>> accuracy(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)), torch.zeros(4, 3, 32, 32),
-        ...          torch.zeros(4, dtype=torch.long)) in (0.0, 1.0)
-        True
-    """
-    was_training = model.training
-    model.eval()
-    hits = sum(int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(x), batch))
-    model.train(was_training)
-    return hits / len(x)

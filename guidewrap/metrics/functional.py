@@ -1,0 +1,225 @@
+"""The other measures as functions: debiased CKA, RBF CKA, RSA and the Procrustes distance.
+
+Each returns a similarity (a distance for :func:`procrustes_distance`), is differentiable in the
+target side ``x`` and never returns NaN: degenerate input gives the fallback with a warning.
+
+Examples:
+    >>> import torch
+    >>> x = torch.randn(16, 40)
+    >>> round(debiased_cka(x, x).item(), 4)
+    1.0
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..errors import MetricError
+from ._numerics import (
+    _TINY,
+    _center,
+    _check,
+    _double_centre,
+    _n_ok,
+    _no_autocast,
+    _rescale,
+    _safe_div,
+    _sanitize,
+    _upcast,
+    _warn_if_degenerate,
+)
+
+__all__ = ["debiased_cka", "rbf_cka", "rsa", "procrustes_distance"]
+
+
+def _hsic_unbiased(k: Tensor, l: Tensor) -> Tensor:  # noqa: E741 - the textbook's name
+    """Song et al. (2012) unbiased HSIC estimator on Grams with zeroed diagonals."""
+    n = k.shape[-1]
+    eye = torch.eye(n, dtype=torch.bool, device=k.device)
+    k = k.masked_fill(eye, 0.0)
+    l = l.masked_fill(eye, 0.0)  # noqa: E741
+    k_sum = k.sum((-2, -1))
+    l_sum = l.sum((-2, -1))
+    trace = (k * l).sum((-2, -1))
+    cross = (k.sum(-1) * l.sum(-1)).sum(-1)
+    return (trace + k_sum * l_sum / ((n - 1) * (n - 2)) - 2.0 * cross / (n - 2)) / (n * (n - 3))
+
+
+def _debiased_grams(x: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    if weights is not None:
+        raise MetricError("debiased_cka does not support sample weights; use 'cka' for masked sequences")
+    x, finite = _sanitize(_upcast(x))
+    xc, nonzero = _rescale(_center(x))
+    return xc @ xc.mT, finite & nonzero
+
+
+def _debiased_core_grams(kx: Tensor, ok_x: Tensor, ky: Tensor, ok_y: Tensor) -> tuple[Tensor, Tensor]:
+    n = kx.shape[-1]
+    if n < 4:
+        zero = (kx.sum((-2, -1)) + ky.sum((-2, -1))) * 0.0
+        return zero, torch.zeros_like(ok_x)
+    hxy = _hsic_unbiased(kx, ky)
+    hxx = _hsic_unbiased(kx, kx)
+    hyy = _hsic_unbiased(ky, ky)
+    ok = ok_x & ok_y & (hxx > _TINY) & (hyy > _TINY)
+    den = torch.sqrt(torch.where(ok, hxx * hyy, torch.ones_like(hxx)))
+    return _safe_div(hxy, den, ok)
+
+
+def _debiased_core(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    with _no_autocast(x.device.type):
+        kx, ok_x = _debiased_grams(x)
+        ky, ok_y = _debiased_grams(y)
+        return _debiased_core_grams(kx, ok_x, ky, ok_y)
+
+
+def debiased_cka(x: Tensor, y: Tensor) -> Tensor:
+    """Debiased linear CKA: CKA built on the unbiased HSIC estimator (needs n >= 4).
+
+    Less biased than :func:`linear_cka` for small batches with wide features; its value
+    can be slightly negative.
+
+    Examples:
+        >>> import torch
+        >>> x = torch.randn(16, 40)
+        >>> round(debiased_cka(x, x).item(), 4)
+        1.0
+    """
+    _check(x, y, "debiased_cka")
+    value, ok = _debiased_core(x, y)
+    _warn_if_degenerate(ok, x, y, "debiased_cka", 4)
+    return value
+
+
+def _rbf_gram(x: Tensor, sigma: float) -> tuple[Tensor, Tensor]:
+    x, finite = _sanitize(_upcast(x))
+    xc, nonzero = _rescale(_center(x))
+    sq_norms = xc.square().sum(-1)
+    n = xc.shape[-2]
+    off_diag = ~torch.eye(n, dtype=torch.bool, device=x.device)
+    sq = (sq_norms[..., :, None] + sq_norms[..., None, :] - 2.0 * (xc @ xc.mT)).clamp_min(0.0) * off_diag
+    flat = sq.flatten(-2)  # not detached: the bandwidth is part of the function being differentiated
+    median = flat.median(-1).values
+    # More than half the pairs identical: fall back to the mean of the non-zero distances.
+    positive = (flat.detach() > 0).sum(-1).clamp_min(1)
+    fallback = flat.sum(-1) / positive
+    bandwidth = torch.where(median > _TINY, median, fallback)
+    ok = finite & nonzero & (bandwidth.detach() > _TINY)
+    bandwidth = torch.where(ok, bandwidth, torch.ones_like(bandwidth))
+    gram = torch.exp(-sq / (2.0 * sigma**2 * bandwidth[..., None, None]))
+    return _double_centre(gram), ok
+
+
+def _rbf_core(x: Tensor, y: Tensor, sigma: float) -> tuple[Tensor, Tensor]:
+    with _no_autocast(x.device.type):
+        kx, ok_x = _rbf_gram(x, sigma)
+        ky, ok_y = _rbf_gram(y, sigma)
+        return _gram_cka(kx, ok_x, ky, ok_y, _n_ok(x, 2, None))
+
+
+def _gram_cka(kx: Tensor, ok_x: Tensor, ky: Tensor, ok_y: Tensor, n_ok: Tensor) -> tuple[Tensor, Tensor]:
+    num = (kx * ky).sum((-2, -1))
+    return _safe_div(num, torch.linalg.matrix_norm(kx) * torch.linalg.matrix_norm(ky), ok_x & ok_y & n_ok)
+
+
+def rbf_cka(x: Tensor, y: Tensor, sigma: float = 1.0) -> Tensor:
+    """CKA with a Gaussian (RBF) kernel; the bandwidth is ``sigma`` times the median distance.
+
+    Args:
+        x: ``(n, d1)`` target features.
+        y: ``(n, d2)`` guide features.
+        sigma: bandwidth as a multiple of the median pairwise distance (median heuristic).
+
+    Examples:
+        >>> import torch
+        >>> x = torch.randn(20, 6)
+        >>> 0.0 <= rbf_cka(x, torch.randn(20, 3)).item() <= 1.0
+        True
+    """
+    _check(x, y, "rbf_cka")
+    if not sigma > 0:
+        raise MetricError(f"rbf_cka: sigma must be > 0, got {sigma}")
+    value, ok = _rbf_core(x, y, sigma)
+    _warn_if_degenerate(ok, x, y, "rbf_cka", 2)
+    return value
+
+
+def _rsa_core(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    with _no_autocast(x.device.type):
+        sx, ok_x = _cosine_rdm(x)
+        sy, ok_y = _cosine_rdm(y)
+        sx = sx - sx.mean(-1, keepdim=True)
+        sy = sy - sy.mean(-1, keepdim=True)
+        num = (sx * sy).sum(-1)
+        den_sq = sx.square().sum(-1) * sy.square().sum(-1)
+        ok = ok_x & ok_y & _n_ok(x, 3, None) & (den_sq > _TINY)
+        # sqrt only of safe values: a zero under the root would send inf * 0 = NaN backwards
+        return _safe_div(num, torch.sqrt(torch.where(ok, den_sq, torch.ones_like(den_sq))), ok)
+
+
+def _cosine_rdm(x: Tensor) -> tuple[Tensor, Tensor]:
+    x, finite = _sanitize(_upcast(x))
+    x, _ = _rescale(x)
+    norms = x.norm(dim=-1, keepdim=True)
+    unit = x / torch.where(norms > _TINY, norms, torch.ones_like(norms))
+    n = x.shape[-2]
+    rows, cols = torch.triu_indices(n, n, offset=1, device=x.device)
+    sims = (unit @ unit.mT)[..., rows, cols]
+    spread = sims.detach().amax(-1) - sims.detach().amin(-1) if sims.shape[-1] else torch.zeros(x.shape[:-2])
+    return sims, finite & (spread > 1e-12)
+
+
+def rsa(x: Tensor, y: Tensor) -> Tensor:
+    """Differentiable RSA: Pearson correlation of the two cosine-similarity matrices.
+
+    Uses the ``n (n - 1) / 2`` off-diagonal entries; needs n >= 3.
+
+    Examples:
+        >>> import torch
+        >>> x = torch.randn(12, 4)
+        >>> round(rsa(x, 2 * x).item(), 4)
+        1.0
+    """
+    _check(x, y, "rsa")
+    value, ok = _rsa_core(x, y)
+    _warn_if_degenerate(ok, x, y, "rsa", 3)
+    return value
+
+
+def _procrustes_core(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    with _no_autocast(x.device.type):
+        xs, ok_x = _unit_centered(x)
+        ys, ok_y = _unit_centered(y)
+        # Nuclear norm of the smaller cross-covariance; svdvals has stable gradients.
+        cross = ys.mT @ xs if ys.shape[-1] <= xs.shape[-1] else xs.mT @ ys
+        nuclear = torch.linalg.svdvals(cross).sum(-1)
+        ok = ok_x & ok_y & _n_ok(x, 2, None)
+        similarity = torch.where(ok, nuclear, torch.zeros_like(nuclear))
+        return 1.0 - similarity, ok
+
+
+def _unit_centered(x: Tensor) -> tuple[Tensor, Tensor]:
+    x, finite = _sanitize(_upcast(x))
+    xc, nonzero = _rescale(_center(x))
+    norm = torch.linalg.matrix_norm(xc)
+    return xc / torch.where(nonzero, norm, torch.ones_like(norm))[..., None, None], finite & nonzero
+
+
+def procrustes_distance(x: Tensor, y: Tensor) -> Tensor:
+    """Orthogonal Procrustes distance ``1 - ||Xc^T Yc||_*`` on centred, unit-Frobenius features.
+
+    0 when ``y`` is a rotation (and rescaling) of ``x``, at most 1. Costs an SVD of the
+    ``min(d1, d2)``-sized cross-covariance: prefer CKA for very wide layers.
+
+    Examples:
+        >>> import torch
+        >>> x = torch.randn(30, 4)
+        >>> q = torch.linalg.qr(torch.randn(4, 4))[0]
+        >>> abs(procrustes_distance(x, x @ q).item()) < 1e-5
+        True
+    """
+    _check(x, y, "procrustes_distance")
+    value, ok = _procrustes_core(x, y)
+    _warn_if_degenerate(ok, x, y, "procrustes_distance", 2)
+    return value
