@@ -27,9 +27,7 @@ docs: $(STAMP)
 
 wheel-check: $(STAMP)
 	rm -rf build/wheel && $(PY) -m pip wheel -q --no-deps . -w build/wheel
-	$(PY) -c "import sys, zipfile, glob; names = zipfile.ZipFile(glob.glob('build/wheel/guidewrap-*.whl')[0]).namelist(); \
-	missing = [f for f in ('guidewrap/__init__.py', 'guidewrap/py.typed', 'guidewrap/metrics.py') if f not in names]; \
-	sys.exit(f'wheel lacks {missing}') if missing else print('wheel ok:', len(names), 'files')"
+	$(PY) .ci/wheel_check.py build/wheel
 
 # Fashion-MNIST for the image experiments (examples/fashion_mnist.py): Debian's offline copy.
 # Only the image study needs it; nothing else in the project needs a system package.

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .capture import extract, features
-from .errors import ConfigError, EmptyPlanError
+from .errors import ConfigError, PlanError
 from .inputs import first_tensor, normalize_call
 from .layers import DEFAULT_LAYER_TYPES, _is_candidate, _no_side_effects, describe
 from .metrics import get_metric
@@ -83,7 +83,7 @@ def _capture(model: nn.Module, call: tuple[tuple[Any, ...], dict[str, Any]], lay
     args, kwargs = call
     tensor = first_tensor(args, kwargs)
     if tensor is None:
-        raise EmptyPlanError("similarity_matrix needs at least one tensor input")
+        raise PlanError("similarity_matrix needs at least one tensor input")
     n = tensor.shape[0]
     out: dict[str, Tensor] = {}
     handles = []
@@ -137,7 +137,7 @@ def similarity_matrix(
     feats_b = _capture(b, normalize_call(inputs if inputs_b is None else inputs_b), layer_types)
     if not feats_a or not feats_b:
         side = "A" if not feats_a else "B"
-        raise EmptyPlanError(f"model {side} has no hookable layer with a batch dimension (layer_types={layer_types})")
+        raise PlanError(f"model {side} has no hookable layer with a batch dimension (layer_types={layer_types})")
     measure = get_metric(metric)
     values = torch.zeros(len(feats_a), len(feats_b))
     with torch.no_grad():

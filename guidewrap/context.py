@@ -16,20 +16,21 @@ Examples:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
-from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
+from torch import nn
 
 from .config import GuidanceConfig
 from .engine import GuidanceEngine
 from .errors import GuidanceClosedError
-from .layers import LayerPlan
+from .hooks import HookSet, attach_root
+from .interface import GuidanceInterface
 
 __all__ = ["Guidance"]
 
 
-class Guidance:
+class Guidance(GuidanceInterface):
     """Guide ``target`` without wrapping it: hooks are attached on ``__enter__`` and every one
     of them is removed on ``__exit__``, also when the block raises.
 
@@ -61,7 +62,7 @@ class Guidance:
     ) -> None:
         cfg = GuidanceConfig.build(config, **settings)
         self._engine = GuidanceEngine(target, guide, cfg, optimizer=optimizer)
-        self._root_hooks: list[RemovableHandle] = []
+        self._root_hooks = HookSet()
         self._entered = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -71,11 +72,7 @@ class Guidance:
         if self._entered:
             raise GuidanceClosedError("this Guidance is already active; a Guidance can be entered once")
         self._entered = True
-        root = self._engine.target
-        self._root_hooks = [
-            root.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
-            root.register_forward_hook(self._post_hook, with_kwargs=True, always_call=True),
-        ]
+        self._root_hooks = attach_root(self._engine)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -83,22 +80,12 @@ class Guidance:
 
     def close(self) -> None:
         """Remove every hook (root, layers, optimizer). Idempotent."""
-        for handle in self._root_hooks:
-            handle.remove()
-        self._root_hooks = []
+        self._root_hooks.remove()
         self._engine.close()
 
-    def _pre_hook(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self._forward_kwargs = kwargs
-        self._engine.begin(args, kwargs)
-
-    def _post_hook(self, _module: nn.Module, _args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-        if self._engine.busy:
-            return None
-        if output is None:  # the forward raised (always_call): forget this forward
-            self._engine.abort()
-            return None
-        return self._engine.end(output, kwargs)
+    def _usable_engine(self) -> GuidanceEngine:
+        self._check_open()
+        return self._engine
 
     def _check_open(self) -> None:
         if self._engine.closed:
@@ -109,51 +96,14 @@ class Guidance:
     # ------------------------------------------------------------------ guidance API
 
     @property
-    def engine(self) -> GuidanceEngine:
-        """The underlying :class:`~guidewrap.engine.GuidanceEngine`."""
-        return self._engine
-
-    @property
-    def alignment_loss(self) -> Tensor:
-        """Weighted alignment term of the last forward of the target."""
-        self._check_open()
-        return self._engine.alignment_loss
-
-    @property
-    def last_alignment(self) -> dict[str, float]:
-        """Per-pair alignment of the last guided forward (still readable after exit)."""
-        return dict(self._engine.last_alignment)
-
-    @property
-    def step_count(self) -> int:
-        """Optimizer steps counted so far."""
-        return self._engine.step_count
-
-    @property
     def hook_count(self) -> int:
         """Hooks currently held (0 after exit)."""
         return len(self._root_hooks) + self._engine.hook_count
 
-    def step(self) -> None:
-        """Count one optimizer step (when no ``optimizer=`` was given)."""
-        self._check_open()
-        self._engine.step()
-
-    def plan(self, *example_args: Any, **example_kwargs: Any) -> LayerPlan:
-        """The matched layer pairs (pass an example input to resolve them)."""
-        self._check_open()
-        return self._engine.plan(example_args, example_kwargs)
-
-    def pre_align(
-        self, *example_args: Any, steps: int = 300, lr: float = 1e-3, optimizer: Any = None, **example_kwargs: Any
-    ) -> list[float]:
-        """Train the target on the alignment loss alone on noise (see ``GuidedModel.pre_align``)."""
-        self._check_open()
-        return self._engine.pre_align(example_args, example_kwargs, steps, lr, optimizer)
-
     def metrics(self) -> dict[str, float]:
-        """Loggable values of the last forward."""
-        return self._engine.metrics()
+        """Deprecated name of :meth:`guidance_metrics`."""
+        warnings.warn("Guidance.metrics() is now Guidance.guidance_metrics()", DeprecationWarning, stacklevel=2)
+        return self._engine.guidance_metrics()
 
     def state_dict(self) -> dict[str, Any]:
         """Resumable state (the step counter)."""

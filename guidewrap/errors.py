@@ -16,19 +16,20 @@ Examples:
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 __all__ = [
     "GuidewrapError",
     "ConfigError",
     "LayerNotFoundError",
-    "EmptyPlanError",
+    "PlanError",
     "BatchSizeMismatchError",
-    "NoBatchDimensionError",
     "ShapeMismatchError",
     "GuideRequiresGradError",
     "MetricError",
     "NoiseInputError",
     "GuidanceClosedError",
-    "PlanNotReadyError",
     "GuidewrapWarning",
     "DegenerateFeaturesWarning",
     "SkippedPairWarning",
@@ -68,12 +69,17 @@ class LayerNotFoundError(GuidewrapError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class EmptyPlanError(GuidewrapError, ValueError):
-    """Layer matching produced no pair to align.
+class PlanError(GuidewrapError, ValueError, RuntimeError):
+    """The layer plan cannot be made: matching found no pair to align, a requested layer never ran
+    or has no batch dimension, or the plan is asked for before an example input resolved it.
+
+    Replaces ``EmptyPlanError``, ``NoBatchDimensionError`` and ``PlanNotReadyError`` (those names
+    still work, with a ``DeprecationWarning``, for one release).
 
     Examples:
-        >>> isinstance(EmptyPlanError("no pairs"), ValueError)
-        True
+        >>> err = PlanError("no layer pair to align")
+        >>> isinstance(err, ValueError), isinstance(err, RuntimeError)
+        (True, True)
     """
 
 
@@ -82,15 +88,6 @@ class BatchSizeMismatchError(GuidewrapError, ValueError):
 
     Examples:
         >>> isinstance(BatchSizeMismatchError("n differs"), ValueError)
-        True
-    """
-
-
-class NoBatchDimensionError(GuidewrapError, ValueError):
-    """An explicitly requested layer returns an output with no batch dimension.
-
-    Examples:
-        >>> isinstance(NoBatchDimensionError("no batch dim"), ValueError)
         True
     """
 
@@ -140,15 +137,6 @@ class GuidanceClosedError(GuidewrapError, RuntimeError):
     """
 
 
-class PlanNotReadyError(GuidewrapError, RuntimeError):
-    """The layer plan needs an example input before it can be resolved.
-
-    Examples:
-        >>> isinstance(PlanNotReadyError("pass an example"), RuntimeError)
-        True
-    """
-
-
 class GuidewrapWarning(UserWarning):
     """Base class of guidewrap's warnings.
 
@@ -180,3 +168,14 @@ class SkippedPairWarning(GuidewrapWarning):
         >>> issubclass(SkippedPairWarning, UserWarning)
         True
     """
+
+
+_DEPRECATED = {"EmptyPlanError": "PlanError", "NoBatchDimensionError": "PlanError", "PlanNotReadyError": "PlanError"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _DEPRECATED:
+        new = _DEPRECATED[name]
+        warnings.warn(f"guidewrap.errors.{name} is now {new}", DeprecationWarning, stacklevel=2)
+        return globals()[new]
+    raise AttributeError(f"module 'guidewrap.errors' has no attribute {name!r}")

@@ -1,5 +1,9 @@
 """What the guide sees: the target's batch, noise, or the output of a user's adapter.
 
+:func:`route` runs once per guided step: it finds the batch size, builds the guide's call
+(the same inputs, or the user's adapter applied once), checks that the guide gets as many
+samples as the target, and moves the guide to the data's device.
+
 Examples:
     >>> import torch
     >>> noisy = make_noise({"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.ones(1, 3)}, 50)
@@ -10,14 +14,15 @@ Examples:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .errors import NoiseInputError
+from .errors import BatchSizeMismatchError, ConfigError, NoiseInputError
 
-__all__ = ["make_noise", "vocab_size_of", "normalize_call", "fit_call"]
+__all__ = ["Routed", "route", "batch_size", "noise_call", "make_noise", "vocab_size_of", "normalize_call", "fit_call"]
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -163,3 +168,82 @@ def first_tensor(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Tensor | N
             if found is not None:
                 return found
     return None
+
+
+@dataclass
+class Routed:
+    """One step's inputs, routed: the batch size, the guide's call and the padding masks."""
+
+    n: int
+    guide_args: tuple[Any, ...]
+    guide_kwargs: dict[str, Any]
+    mask: Tensor | None
+    guide_mask: Tensor | None
+
+
+def batch_size(args: tuple[Any, ...], kwargs: Mapping[str, Any], batch_dim: int) -> int:
+    """Number of samples in a call: the size of its first tensor along ``batch_dim``.
+
+    Examples:
+        >>> import torch
+        >>> batch_size((torch.zeros(5, 3),), {}, 0)
+        5
+    """
+    tensor = first_tensor(args, kwargs)
+    if tensor is None:
+        raise ConfigError("guidance needs a tensor input to find the batch size, but the forward got none")
+    if tensor.dim() <= batch_dim:
+        raise ConfigError(f"input_batch_dim={batch_dim} but the first input has shape {tuple(tensor.shape)}")
+    return int(tensor.shape[batch_dim])
+
+
+def route(
+    guide: nn.Module,
+    adapter: str | Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    batch_dim: int,
+    mask_key: str,
+) -> Routed:
+    """Route one step's inputs to the guide (the user's adapter, if any, runs exactly once).
+
+    Examples:
+        >>> import torch
+        >>> r = route(torch.nn.Linear(3, 2), "same", (torch.zeros(4, 3),), {}, 0, "attention_mask")
+        >>> r.n, len(r.guide_args)
+        (4, 1)
+    """
+    n = batch_size(args, kwargs, batch_dim)
+    if callable(adapter):
+        g_args, g_kwargs = normalize_call(adapter(*args, **kwargs))
+    else:
+        g_args, g_kwargs = tuple(args), dict(kwargs)
+    g_n = batch_size(g_args, g_kwargs, batch_dim)
+    if g_n != n:
+        raise BatchSizeMismatchError(
+            f"the guide's input has {g_n} samples but the target's has {n}; CKA compares the same samples, "
+            "so a guide_inputs adapter must keep the batch size"
+        )
+    g_args, g_kwargs = fit_call(guide.forward, tuple(g_args), g_kwargs)
+    mask = kwargs.get(mask_key)
+    mask = mask if isinstance(mask, Tensor) else None
+    g_mask = g_kwargs.get(mask_key, mask)
+    move_to_data(guide, g_args, g_kwargs)
+    return Routed(n, g_args, g_kwargs, mask, g_mask if isinstance(g_mask, Tensor) else None)
+
+
+def noise_call(target: nn.Module, guide: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Call:
+    """Noise shaped like a call, with token ids below both networks' vocabularies."""
+    sizes = [s for s in (vocab_size_of(target), vocab_size_of(guide)) if s is not None]
+    vocab = min(sizes) if sizes else None
+    return make_noise(tuple(args), vocab), make_noise(dict(kwargs), vocab)
+
+
+def move_to_data(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+    """Move ``model`` to the device of the call's first tensor (the guide follows the data)."""
+    tensor = first_tensor(args, kwargs)
+    ref = next(iter(model.parameters()), None)
+    if ref is None:
+        ref = next(iter(model.buffers()), None)
+    if tensor is not None and ref is not None and ref.device != tensor.device:
+        model.to(tensor.device)

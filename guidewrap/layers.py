@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .capture import extract, find_batch_dim, is_channels_first, sequence_length
-from .errors import EmptyPlanError, LayerNotFoundError, NoBatchDimensionError
+from .errors import LayerNotFoundError, PlanError
 
 __all__ = [
     "DEFAULT_LAYER_TYPES",
@@ -312,25 +312,6 @@ def build_plan(
     """Match probed layers into pairs according to the ``layers`` setting."""
     skipped: list[tuple[str, LayerInfo]] = []
     notes: list[str] = []
-
-    def usable(infos: list[LayerInfo], side: str, explicit: bool, auto: bool) -> list[LayerInfo]:
-        good = []
-        for info in infos:
-            if info.skip_reason is None:
-                good.append(info)
-            elif explicit:
-                raise NoBatchDimensionError(
-                    f"{side} layer {info.name!r} cannot be aligned: {info.skip_reason}. Pick a layer whose output "
-                    "has the batch as one dimension (see plan(example) for candidates)."
-                )
-            else:
-                skipped.append((side, info))
-        if auto and exclude_output_layer and len(good) > 1:
-            last = good.pop()
-            last.skip_reason = "output layer (logits), left out as in the paper; set exclude_output_layer=False"
-            skipped.append((side, last))
-        return good
-
     if isinstance(layers, list):  # explicit pairs, in the user's order
         by_t = {i.name: i for i in target_layers}
         by_g = {i.name: i for i in guide_layers}
@@ -338,22 +319,23 @@ def build_plan(
         for t_name, g_name in layers:
             for side, table, wanted in (("target", by_t, t_name), ("guide", by_g, g_name)):
                 if wanted not in table:
-                    raise NoBatchDimensionError(
+                    raise PlanError(
                         f"{side} layer {wanted!r} did not run during the forward pass, so it cannot be aligned"
                     )
             t_info, g_info = by_t[t_name], by_g[g_name]
-            usable([t_info], "target", True, False)
-            usable([g_info], "guide", True, False)
+            _usable([t_info], "target", True, False, skipped)
+            _usable([g_info], "guide", True, False, skipped)
             pairs.append(_pair(t_info, g_info, sequence, notes))
         return _finish(LayerPlan(pairs, skipped, notes))
 
     t_spec = layers["target"] if isinstance(layers, dict) else "auto"
     g_spec = layers["guide"] if isinstance(layers, dict) else "auto"
-    t_good = usable(target_layers, "target", t_spec != "auto", t_spec == "auto")
-    g_good = usable(guide_layers, "guide", g_spec != "auto", g_spec == "auto")
+    drop_last = exclude_output_layer
+    t_good = _usable(target_layers, "target", t_spec != "auto", drop_last and t_spec == "auto", skipped)
+    g_good = _usable(guide_layers, "guide", g_spec != "auto", drop_last and g_spec == "auto", skipped)
     if not t_good or not g_good:
         side = "target" if not t_good else "guide"
-        raise EmptyPlanError(
+        raise PlanError(
             f"no usable {side} layer was found, so there is nothing to align. Skipped: "
             + (", ".join(f"{i.name} ({i.skip_reason})" for s, i in skipped if s == side) or "none ran")
             + ". Pass layers={'target': [...], 'guide': [...]} or layer_types=... to choose layers."
@@ -368,6 +350,28 @@ def build_plan(
     return _finish(LayerPlan(pairs, skipped, notes))
 
 
+def _usable(
+    infos: list[LayerInfo], side: str, explicit: bool, drop_output: bool, skipped: list[tuple[str, LayerInfo]]
+) -> list[LayerInfo]:
+    """Layers that can be aligned; an explicitly named one that cannot raises, others are recorded as skipped."""
+    good = []
+    for info in infos:
+        if info.skip_reason is None:
+            good.append(info)
+        elif explicit:
+            raise PlanError(
+                f"{side} layer {info.name!r} cannot be aligned: {info.skip_reason}. Pick a layer whose output "
+                "has the batch as one dimension (see plan(example) for candidates)."
+            )
+        else:
+            skipped.append((side, info))
+    if drop_output and len(good) > 1:
+        last = good.pop()
+        last.skip_reason = "output layer (logits), left out as in the paper; set exclude_output_layer=False"
+        skipped.append((side, last))
+    return good
+
+
 def _pair(t: LayerInfo, g: LayerInfo, sequence: str, notes: list[str]) -> LayerPair:
     if sequence == "flatten":
         return LayerPair(t, g, "flatten")
@@ -380,8 +384,40 @@ def _pair(t: LayerInfo, g: LayerInfo, sequence: str, notes: list[str]) -> LayerP
 
 def _finish(plan: LayerPlan) -> LayerPlan:
     if not plan.pairs:
-        raise EmptyPlanError("the layer plan is empty: no pair to align. Check the layers=... setting.")
+        raise PlanError("the layer plan is empty: no pair to align. Check the layers=... setting.")
     for info in {id(p.target): p.target for p in plan.pairs}.values():
         if info.calls > 1:
             plan.notes.append(f"{info.name} ran {info.calls} times per forward; its last output is aligned")
     return plan
+
+
+def check_names(layers: Any, target: nn.Module, guide: nn.Module) -> dict[str, list[str] | None]:
+    """Resolve a config's explicit names and patterns per side now, so a typo fails before training.
+
+    ``None`` for a side means automatic discovery.
+
+    Examples:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        >>> check_names([("0", "0")], net, net)
+        {'target': ['0'], 'guide': ['0']}
+    """
+    if layers == "auto":
+        return {"target": None, "guide": None}
+    if isinstance(layers, list):
+        out: dict[str, list[str] | None] = {}
+        for side, model, names in (
+            ("target", target, [t for t, _ in layers]),
+            ("guide", guide, [g for _, g in layers]),
+        ):
+            valid = {name for name, _ in model.named_modules() if name}
+            for name in names:
+                if name not in valid:
+                    resolve_names(model, [name], side)  # raises with close matches
+                    raise LayerNotFoundError(f"{side} layer {name!r} must be an exact name, not a pattern")
+            out[side] = list(dict.fromkeys(names))
+        return out
+    return {
+        side: None if layers[side] == "auto" else resolve_names(model, layers[side], side)
+        for side, model in (("target", target), ("guide", guide))
+    }

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,13 @@ from torch import Tensor, nn
 
 from .config import GuidanceConfig
 from .engine import GuidanceEngine
-from .layers import LayerPlan
+from .hooks import guided_call
+from .interface import GuidanceInterface
 
 __all__ = ["GuidedModel"]
 
 
-class GuidedModel(nn.Module):
+class GuidedModel(GuidanceInterface, nn.Module):
     """Wrap ``target`` so each training forward is guided by the frozen ``guide``.
 
     ``guided(x)`` returns exactly what ``target(x)`` returns; the weighted alignment term of
@@ -98,14 +100,7 @@ class GuidedModel(nn.Module):
     # ------------------------------------------------------------------ module plumbing
 
     def _guided_forward(self, *args: Any, **kwargs: Any) -> Any:
-        engine = self._engine
-        engine.begin(args, kwargs)
-        try:
-            output = self.target(*args, **kwargs)
-        except BaseException:
-            engine.abort()
-            raise
-        return engine.end(output, kwargs)
+        return guided_call(self._engine, self.target, args, kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -132,7 +127,8 @@ class GuidedModel(nn.Module):
 
     @property
     def guidance(self) -> GuidanceEngine:
-        """The underlying :class:`~guidewrap.engine.GuidanceEngine` (for integrations)."""
+        """Deprecated name of :attr:`engine`."""
+        warnings.warn("GuidedModel.guidance is now GuidedModel.engine", DeprecationWarning, stacklevel=2)
         return self._engine
 
     @property
@@ -145,25 +141,6 @@ class GuidedModel(nn.Module):
     def guidance_config(self) -> GuidanceConfig:
         """The validated :class:`~guidewrap.GuidanceConfig`."""
         return self._engine.config
-
-    @property
-    def alignment_loss(self) -> Tensor:
-        """Weighted alignment term of the last forward (a 0-dim tensor; 0 when not guided)."""
-        return self._engine.alignment_loss
-
-    @property
-    def last_alignment(self) -> dict[str, float]:
-        """Per-pair alignment (CKA for ``metric="cka"``) of the last guided forward."""
-        return dict(self._engine.last_alignment)
-
-    @property
-    def step_count(self) -> int:
-        """Optimizer steps counted so far (drives the window and decay)."""
-        return self._engine.step_count
-
-    def step(self) -> None:
-        """Count one optimizer step (use when no ``optimizer=`` was given)."""
-        self._engine.step()
 
     def close(self) -> None:
         """Remove every hook guidance holds on the target and optimizer; the model then runs unguided.
@@ -193,43 +170,6 @@ class GuidedModel(nn.Module):
     def attach_optimizer(self, optimizer: Any) -> None:
         """Count steps from ``optimizer.step()`` (for optimizers built after wrapping)."""
         self._engine.attach_optimizer(optimizer)
-
-    def guidance_metrics(self) -> dict[str, float]:
-        """Loggable values of the last forward: ``guidance_loss``, ``guidance_weight``, per pair."""
-        return self._engine.metrics()
-
-    def plan(self, *example_args: Any, **example_kwargs: Any) -> LayerPlan:
-        """The matched layer pairs with feature sizes; pass an example input to resolve it.
-
-        Examples:
-            >>> import torch
-            >>> t = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
-            >>> g = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Linear(5, 2))
-            >>> [p.key for p in GuidedModel(t, g).plan(torch.randn(10, 4))]
-            ['0<-0']
-        """
-        return self._engine.plan(example_args, example_kwargs)
-
-    def pre_align(
-        self,
-        *example_args: Any,
-        steps: int = 300,
-        lr: float = 1e-3,
-        optimizer: torch.optim.Optimizer | None = None,
-        **example_kwargs: Any,
-    ) -> list[float]:
-        """Guidance as initialisation: train the target on the alignment loss alone, on noise
-        shaped like the example input, for ``steps`` steps. Returns the loss per step.
-
-        Examples:
-            >>> import torch
-            >>> t = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Linear(16, 2))
-            >>> g = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
-            >>> history = GuidedModel(t, g).pre_align(torch.randn(32, 4), steps=20, lr=1e-2)
-            >>> history[-1] < history[0]
-            True
-        """
-        return self._engine.pre_align(example_args, example_kwargs, steps, lr, optimizer)
 
     def evaluate_alignment(self, *args: Any, **kwargs: Any) -> float:
         """Unweighted sum of pair distances on these inputs, without gradients."""

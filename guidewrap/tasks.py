@@ -194,13 +194,12 @@ def train_variant(
     guide_factory: Callable[[], nn.Module] | None = None,
     layers: Any = None,
 ) -> RunResult:
-    """Train one variant of the demo and return its scored result (see the module's rule) and curves.
+    """Train one variant of the demo; its scored result (the module's rule) and curves.
 
-    ``baseline``: the MLP alone. ``guided``: plus ``weight * sum(1 - CKA)`` to an untrained CNN for
-    the whole run over ``layers`` (default :data:`DEMO_PAIRS`; pass ``"auto"`` with another
-    ``guide_factory``). ``pre_align``: ``pre_align_steps`` of alignment on noise inputs, then the MLP
-    alone. ``distill``: plus logit distillation from the same untrained CNN. Every variant of a
-    seed starts from the same weights and sees the same batches.
+    ``baseline``: the MLP alone; ``guided``: plus ``weight * sum(1 - CKA)`` to an untrained CNN over
+    ``layers`` (default :data:`DEMO_PAIRS`); ``pre_align``: ``pre_align_steps`` of alignment on noise,
+    then alone; ``distill``: plus logit distillation from the same CNN. Variants of a seed start
+    from the same weights and see the same batches.
 
     Examples:
         >>> d = load_mnist1d(num_samples=200, val_samples=20)
@@ -284,13 +283,18 @@ def fit(
 ) -> list[float]:
     """Train ``target`` with Adam for ``steps`` steps; returns the task loss per step.
 
-    ``batches(step)`` gives ``(inputs, labels)`` (inputs a tensor or a dict of keyword
-    arguments); ``loss_fn(output, labels)`` the task loss. ``mode`` is ``"none"`` (the target
-    alone, ``guide`` ignored), ``"guided"`` (plus the alignment term; ``guidance`` keywords go to
-    :class:`~guidewrap.GuidedModel`) or ``"distill"`` (plus logit distillation from ``guide``,
-    reading logits from outputs with ``logits``). ``clip`` is the gradient-norm limit (``None``:
-    no clipping); ``progress(1)`` is called after every step (a tqdm bar's ``update``) and
-    ``callback(steps_done)`` too (evaluation curves).
+    ``batches(step)`` gives ``(inputs, labels)`` (inputs a tensor or a dict of keyword arguments);
+    ``loss_fn(output, labels)`` the task loss. ``mode``: ``"none"`` (the target alone), ``"guided"``
+    (plus the alignment term; ``guidance`` keywords go to :class:`~guidewrap.GuidedModel`) or
+    ``"distill"`` (plus logit distillation from ``guide``, logits read with ``logits``). ``clip``:
+    gradient-norm limit or ``None``; ``progress(1)`` and ``callback(steps_done)`` run after each step.
+
+    Examples:
+        >>> target = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+        >>> guide = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+        >>> batch = lambda step: (torch.randn(32, 4), torch.randint(0, 2, (32,)))
+        >>> len(fit(target, batch, nn.functional.cross_entropy, steps=3, guide=guide))
+        3
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -310,13 +314,7 @@ def fit(
         inputs, labels = batches(step)
         out = _call(model, inputs)
         task = loss_fn(out, labels)
-        loss = task
-        if guided is not None:
-            loss = loss + guided.alignment_loss
-        if mode == "distill":
-            with torch.no_grad():
-                teacher = logits(_call(guide, inputs))  # type: ignore[arg-type]
-            loss = loss + distillation_loss(logits(out), teacher)
+        loss = task + _extra_loss(out, inputs, guided, guide if mode == "distill" else None, logits)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"non-finite loss at step {step} ({mode})")
         opt.zero_grad()
@@ -331,6 +329,19 @@ def fit(
             callback(step + 1)
     target.eval()
     return losses
+
+
+def _extra_loss(
+    out: Any, inputs: Any, guided: GuidedModel | None, teacher: nn.Module | None, logits: Callable[[Any], Tensor]
+) -> Tensor | float:
+    """The term added to the task loss: guidance's alignment term, or logit distillation."""
+    if guided is not None:
+        return guided.alignment_loss
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_logits = logits(_call(teacher, inputs))
+        return distillation_loss(logits(out), teacher_logits)
+    return 0.0
 
 
 def batch_stream(seed: int, draw: Callable[[torch.Generator], tuple[Any, Any]]) -> Callable[[int], tuple[Any, Any]]:

@@ -1,4 +1,4 @@
-"""Small helpers: optional-dependency checks and unwrapping of parallel/compile wrappers.
+"""Small helpers: the optional-dependency check and unwrapping of parallel/compile wrappers.
 
 Examples:
     >>> import torch
@@ -14,13 +14,7 @@ import importlib.util
 
 from torch import nn
 
-__all__ = [
-    "unwrap_model",
-    "is_transformers_available",
-    "is_accelerate_available",
-    "is_datasets_available",
-    "is_torchvision_available",
-]
+__all__ = ["unwrap_model", "is_transformers_available"]
 
 _WRAPPER_NAMES = {"DistributedDataParallel", "DataParallel", "DeepSpeedEngine", "FullyShardedDataParallel"}
 
@@ -61,33 +55,3 @@ def is_transformers_available() -> bool:
         True
     """
     return _available("transformers")
-
-
-def is_accelerate_available() -> bool:
-    """Whether ``accelerate`` can be imported (without importing it).
-
-    Examples:
-        >>> isinstance(is_accelerate_available(), bool)
-        True
-    """
-    return _available("accelerate")
-
-
-def is_datasets_available() -> bool:
-    """Whether ``datasets`` can be imported (without importing it).
-
-    Examples:
-        >>> isinstance(is_datasets_available(), bool)
-        True
-    """
-    return _available("datasets")
-
-
-def is_torchvision_available() -> bool:
-    """Whether ``torchvision`` can be imported (without importing it).
-
-    Examples:
-        >>> isinstance(is_torchvision_available(), bool)
-        True
-    """
-    return _available("torchvision")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,14 @@ def transformer_lm(vocab: int = 20, d: int = 16, layers: int = 2) -> nn.Sequenti
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _restore_metric_registry() -> Iterator[None]:
+    """Metrics a test registers do not leak into the next test."""
+    from guidewrap.metrics import registry
+
+    saved = dict(registry._REGISTRY)
+    yield
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(saved)

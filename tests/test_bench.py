@@ -47,5 +47,7 @@ def test_bench_scaling_runs(capsys) -> None:
 
 def test_bench_approximation_runs(capsys) -> None:
     worst = _load("approximation").main(batch=16, depth=2, limits=(512,))
-    assert 0 <= worst[512] <= 1
+    # A subset of 512 of up to 12,544 features moves each pair's CKA a little (0.023 measured at this
+    # size), never by much: a wrong subset (different every step, or misaligned) moves it far more.
+    assert 0 < worst[512] <= 0.1
     assert "largest per-pair CKA change" in capsys.readouterr().out

@@ -563,3 +563,21 @@ def test_max_features_approximation_error_is_bounded() -> None:
     again = GuidedModel(target, guide, exclude_output_layer=False, max_features=4096)
     again(x)
     assert again.alignment_loss.item() == approx.alignment_loss.item()  # the same subset every time
+
+
+def test_adapter_runs_once_per_step_and_no_step_state_outlives_the_forward() -> None:
+    calls = []
+
+    def adapter(x: torch.Tensor) -> torch.Tensor:
+        calls.append(len(x))
+        return x[:, :4]
+
+    target = mlp(d_in=8)
+    guide = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    guided = GuidedModel(target, guide, guide_inputs=adapter)
+    x = torch.randn(16, 8)
+    for expected in (1, 2, 3):  # the first step plans the layers too, on the same routed inputs
+        guided(x)
+        assert len(calls) == expected
+        assert guided.engine._step is None  # the step's captures and guide features are gone
+    assert guided.alignment_loss.item() > 0 and len(guided.last_alignment) > 0

@@ -137,20 +137,26 @@ def test_accumulated_step_equals_one_big_step(tmp_path: Path, target: str) -> No
     # does not, and the Trainer divides).
     data = CORPUS.dataset()[:4]
 
-    def run(repeats: int, accumulation: int) -> dict[str, torch.Tensor]:
+    def run(repeats: int, accumulation: int, guided: bool = True) -> dict[str, torch.Tensor]:
         model = _rnn() if target == "custom" else _gpt2(layers=1)
         args = _args(
             tmp_path, max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=accumulation, optim="sgd"
         )
         trainer = OrderedTrainer(model=model, args=args, train_dataset=data * repeats)
-        guide = RNNLanguageModel(CORPUS.vocab_size, emb=8, hidden=12, layers=2)
-        guide_trainer(trainer, guide)
+        if guided:
+            guide = RNNLanguageModel(CORPUS.vocab_size, emb=8, hidden=12, layers=2)
+            callback = guide_trainer(trainer, guide)
         trainer.train()
+        if guided:  # every micro-batch was guided, with a term that is not zero
+            assert callback.engine.counters["guided_forwards"] == accumulation
+            assert callback.engine.last_alignment and all(v < 1 - 1e-4 for v in callback.engine.last_alignment.values())
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    one, two = run(1, 1), run(2, 2)
+    one, two, plain = run(1, 1), run(2, 2), run(1, 1, guided=False)
     for key in one:
         torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-6)
+    # ... and the term moved the update: the guided step differs from the plain one
+    assert max((one[key] - plain[key]).abs().max().item() for key in one) > 1e-6
 
 
 def test_save_model_writes_the_target_only_loadable_without_guidewrap(tmp_path: Path) -> None:

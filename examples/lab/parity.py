@@ -56,6 +56,7 @@ class ParityTransformer(nn.Module):
         self.pos = nn.Embedding(max_len, d_model)
         layer = nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout=0.0, batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.pool = nn.Identity()  # names the pooled vector the head reads (a layer guidance can pair)
         self.head = nn.Linear(d_model, 2)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -63,7 +64,7 @@ class ParityTransformer(nn.Module):
         h = self.emb(input_ids) + self.pos(torch.arange(t, device=input_ids.device))
         h = self.encoder(h, src_key_padding_mask=attention_mask == 0)
         w = attention_mask.unsqueeze(-1).to(h.dtype)
-        return self.head((h * w).sum(1) / w.sum(1).clamp_min(1.0))
+        return self.head(self.pool((h * w).sum(1) / w.sum(1).clamp_min(1.0)))
 
 
 class ParityRNN(nn.Module):
@@ -79,9 +80,10 @@ class ParityRNN(nn.Module):
         super().__init__()
         self.emb = nn.Embedding(3, hidden)
         self.rnn = nn.RNN(hidden, hidden, batch_first=True)
+        self.readout = nn.Identity()  # names the last real position's state (the paper's guide feature)
         self.head = nn.Linear(hidden, 2)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         h = self.rnn(self.emb(input_ids))[0]
         last = attention_mask.sum(1).clamp_min(1) - 1
-        return self.head(h[torch.arange(len(h)), last])
+        return self.head(self.readout(h[torch.arange(len(h)), last]))

@@ -38,11 +38,11 @@ import functools
 from typing import Any
 
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from ..config import GuidanceConfig
 from ..engine import GuidanceEngine
 from ..errors import ConfigError
+from ..hooks import HookSet, attach_root
 from ..model import GuidedModel
 from ..utils import is_transformers_available, unwrap_model
 
@@ -75,7 +75,7 @@ class GuidanceCallback(TrainerCallback):
         # The term goes in through compute_loss (which knows the Trainer's normalisation),
         # never twice through the model's output loss.
         self.engine = GuidanceEngine(trainer.model, guide, dataclasses.replace(config, add_to_output_loss=False))
-        self._handles: list[RemovableHandle] = []
+        self._root_hooks = HookSet()
         self._sums: dict[str, float] = {}
         self._count = 0
         self._term: Any = None  # the alignment term of the latest guided forward, used once
@@ -85,41 +85,21 @@ class GuidanceCallback(TrainerCallback):
     @property
     def hook_count(self) -> int:
         """Hooks currently attached (0 outside ``train()``)."""
-        return len(self._handles) + self.engine.hook_count
+        return len(self._root_hooks) + self.engine.hook_count
 
     def attach(self) -> None:
         """Attach the root hooks (done by ``train()``; idempotent)."""
-        if self._handles:
-            return
-        root = self.engine.target
-        self._handles = [
-            root.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
-            root.register_forward_hook(self._post_hook, with_kwargs=True, always_call=True),
-        ]
+        if not len(self._root_hooks):
+            self._root_hooks = attach_root(self.engine, on_end=self._keep_term)
 
     def detach(self) -> None:
-        """Remove every hook (done when ``train()`` returns or raises; idempotent)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self.engine._remove_layer_hooks()
-        self.engine.abort()
+        """Remove every hook on the target (done when ``train()`` returns or raises; idempotent)."""
+        self._root_hooks.remove()
+        self.engine.release()
         self._term = None
 
-    def _pre_hook(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self.engine.begin(args, kwargs)
-
-    def _post_hook(self, _module: nn.Module, _args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-        if self.engine.busy:
-            return None
-        self._term = None
-        if output is None:  # the forward raised
-            self.engine.abort()
-            return None
-        output = self.engine.end(output, kwargs)
-        if self.engine.has_term:
-            self._term = self.engine.alignment_loss
-        return output
+    def _keep_term(self, _output: Any) -> None:
+        self._term = self.engine.alignment_loss if self.engine.has_term else None
 
     # ------------------------------------------------------------------ loss
 
@@ -160,7 +140,7 @@ class GuidanceCallback(TrainerCallback):
         return guided_compute_loss
 
     def _accumulate(self) -> None:
-        for key, value in self.engine.metrics().items():
+        for key, value in self.engine.guidance_metrics().items():
             self._sums[key] = self._sums.get(key, 0.0) + value
         self._count += 1
 

@@ -94,13 +94,21 @@ def _reason(x: Tensor, y: Tensor, minimum: int) -> str:
     return "constant or all-zero features (no variance across samples), e.g. a dead ReLU layer"
 
 
-def _warn_if_degenerate(ok: Tensor, x: Tensor, y: Tensor, name: str, minimum: int) -> None:
+def _warn_if_degenerate(ok: Tensor, x: Tensor, y: Tensor, name: str, minimum: int, stacklevel: int = 3) -> None:
     if not bool(ok.all()):
         warnings.warn(
             f"{name}: cannot measure {_reason(x, y, minimum)}; returning similarity 0 with zero gradient",
             DegenerateFeaturesWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
+
+
+def _measure(name: str, core: Any, minimum: int, x: Tensor, y: Tensor, *options: Any) -> Tensor:
+    """A public measure: check the inputs, compute ``core(x, y, *options)``, warn on degenerate input."""
+    _check(x, y, name)
+    value, ok = core(x, y, *options)
+    _warn_if_degenerate(ok, x, y, name, minimum, stacklevel=4)
+    return value
 
 
 def _peak(x: Tensor) -> Tensor:

@@ -19,15 +19,14 @@ from ..errors import MetricError
 from ._numerics import (
     _TINY,
     _center,
-    _check,
     _double_centre,
+    _measure,
     _n_ok,
     _no_autocast,
     _rescale,
     _safe_div,
     _sanitize,
     _upcast,
-    _warn_if_degenerate,
 )
 
 __all__ = ["debiased_cka", "rbf_cka", "rsa", "procrustes_distance"]
@@ -86,10 +85,7 @@ def debiased_cka(x: Tensor, y: Tensor) -> Tensor:
         >>> round(debiased_cka(x, x).item(), 4)
         1.0
     """
-    _check(x, y, "debiased_cka")
-    value, ok = _debiased_core(x, y)
-    _warn_if_degenerate(ok, x, y, "debiased_cka", 4)
-    return value
+    return _measure("debiased_cka", _debiased_core, 4, x, y)
 
 
 def _rbf_gram(x: Tensor, sigma: float) -> tuple[Tensor, Tensor]:
@@ -137,12 +133,9 @@ def rbf_cka(x: Tensor, y: Tensor, sigma: float = 1.0) -> Tensor:
         >>> 0.0 <= rbf_cka(x, torch.randn(20, 3)).item() <= 1.0
         True
     """
-    _check(x, y, "rbf_cka")
     if not sigma > 0:
         raise MetricError(f"rbf_cka: sigma must be > 0, got {sigma}")
-    value, ok = _rbf_core(x, y, sigma)
-    _warn_if_degenerate(ok, x, y, "rbf_cka", 2)
-    return value
+    return _measure("rbf_cka", _rbf_core, 2, x, y, sigma)
 
 
 def _rsa_core(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -181,10 +174,7 @@ def rsa(x: Tensor, y: Tensor) -> Tensor:
         >>> round(rsa(x, 2 * x).item(), 4)
         1.0
     """
-    _check(x, y, "rsa")
-    value, ok = _rsa_core(x, y)
-    _warn_if_degenerate(ok, x, y, "rsa", 3)
-    return value
+    return _measure("rsa", _rsa_core, 3, x, y)
 
 
 def _procrustes_core(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -219,7 +209,4 @@ def procrustes_distance(x: Tensor, y: Tensor) -> Tensor:
         >>> abs(procrustes_distance(x, x @ q).item()) < 1e-5
         True
     """
-    _check(x, y, "procrustes_distance")
-    value, ok = _procrustes_core(x, y)
-    _warn_if_degenerate(ok, x, y, "procrustes_distance", 2)
-    return value
+    return _measure("procrustes_distance", _procrustes_core, 2, x, y)

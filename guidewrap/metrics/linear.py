@@ -21,15 +21,14 @@ from torch import Tensor
 
 from ._numerics import (
     _center,
-    _check,
     _double_centre,
     _inverse_scale,
+    _measure,
     _n_ok,
     _no_autocast,
     _peak,
     _safe_div,
     _upcast,
-    _warn_if_degenerate,
 )
 
 __all__ = ["CenteredSide", "linear_cka"]
@@ -204,7 +203,4 @@ def linear_cka(x: Tensor, y: Tensor, weights: Tensor | None = None) -> Tensor:
         >>> round(linear_cka(x, x + 10).item(), 4)  # invariant to translation
         1.0
     """
-    _check(x, y, "linear_cka")
-    value, ok = _linear_cka_core(x, y, weights)
-    _warn_if_degenerate(ok, x, y, "linear_cka", 2)
-    return value
+    return _measure("linear_cka", _linear_cka_core, 2, x, y, weights)

@@ -1,0 +1,210 @@
+"""The metric side of a guided step: reduce the guide's layers, shape the target's, sum the term.
+
+:func:`reduce_guide` runs the frozen guide once under ``torch.inference_mode`` with a tap on each
+planned guide layer that keeps only the metric's reduced form (a centred Gram or centred features
+for CKA). :func:`alignment_term` turns the captured target outputs into feature matrices (each
+target layer once), runs same-shaped pairs as one batched problem, and returns the weighted sum
+of per-pair distances together with each pair's value and whether it could be measured.
+
+Examples:
+    >>> import torch
+    >>> from guidewrap.metrics import get_metric
+    >>> subsets = FeatureSubsets(None)
+    >>> subsets(torch.ones(4, 10), ("target", "fc")).shape  # exact: no subset
+    torch.Size([4, 10])
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .capture import extract, features, lengths_to_mask
+from .errors import BatchSizeMismatchError, MetricError
+from .hooks import HookSet
+from .inputs import Routed
+from .layers import LayerPlan
+from .metrics import Metric
+
+__all__ = ["FeatureSubsets", "Term", "reduce_guide", "alignment_term"]
+
+# shape(x, w, side, layer): the feature subset, then the distributed gather (differentiable on the
+# target side); returns the features and sample weights the metric sees.
+Shaper = Callable[[Tensor, "Tensor | None", str, str], tuple[Tensor, "Tensor | None"]]
+
+
+class FeatureSubsets:
+    """``max_features`` approximation: a fixed random subset of a wide layer's features.
+
+    The subset is seeded by the layer's name and width, so it is the same every step and on every
+    process; ``limit=None`` keeps every feature (exact).
+    """
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self._index: dict[tuple[str, str, int], Tensor] = {}
+
+    def __call__(self, x: Tensor, layer: tuple[str, str]) -> Tensor:
+        if self.limit is None or x.shape[-1] <= self.limit:
+            return x
+        key = (*layer, x.shape[-1])
+        index = self._index.get(key)
+        if index is None or index.device != x.device:
+            gen = torch.Generator().manual_seed(zlib.crc32("/".join(map(str, key)).encode()))
+            index = torch.randperm(x.shape[-1], generator=gen)[: self.limit].sort().values.to(x.device)
+            self._index[key] = index
+        return x.index_select(-1, index)
+
+
+def reduce_guide(
+    guide: nn.Module, plan: LayerPlan, metric: Metric, routed: Routed, shape: Shaper
+) -> dict[tuple[str, str], Any]:
+    """Run the guide once; per planned guide layer and mode, keep only ``metric.prepare``'s result.
+
+    ``shape`` applies the feature subset and the distributed gather (see ``Shaper``).
+    """
+    wanted: dict[str, set[str]] = {}
+    for pair in plan:
+        wanted.setdefault(pair.guide.name, set()).add(pair.mode)
+    infos = {p.guide.name: p.guide for p in plan}
+    prepared: dict[tuple[str, str], Any] = {}
+
+    def sink(name: str, output: Any) -> None:
+        info = infos[name]
+        tensor, lengths = extract(output)
+        if tensor is None or info.batch_dim is None:
+            return
+        if tensor.shape[info.batch_dim] != routed.n:
+            raise BatchSizeMismatchError(
+                f"guide layer {name!r} produced {tensor.shape[info.batch_dim]} samples for a batch of {routed.n}"
+            )
+        mask = routed.guide_mask if lengths is None else lengths_to_mask(lengths, tensor.shape[1], tensor.device)
+        for mode in wanted[name]:
+            x, w = features(tensor, info.batch_dim, mode, mask, info.channels_first)
+            x, w = shape(x, w, "guide", name)
+            prepared[(name, mode)] = metric.prepare(x, w)
+
+    if guide.training:
+        guide.eval()  # the guide stays in eval mode whatever the caller did
+    modules = dict(guide.named_modules())
+    hooks = HookSet()
+    hooks.tap({name: modules[name] for name in wanted}, sink)
+    try:
+        with torch.inference_mode():
+            guide(*routed.guide_args, **routed.guide_kwargs)
+    finally:
+        hooks.remove()
+    # Out of inference mode: autograd may save these for the target's backward.
+    return {key: metric.clone_prepared(value) for key, value in prepared.items()}
+
+
+@dataclass
+class Term:
+    """The result of one step: the weighted term, each pair's distance, and which pairs counted."""
+
+    loss: Tensor
+    distances: list[float]
+    measured: list[float]
+    missing: set[str]
+
+
+def alignment_term(
+    plan: LayerPlan,
+    metric: Metric,
+    captured: dict[str, Any],
+    prepared: dict[tuple[str, str], Any],
+    mask: Tensor | None,
+    weight: float,
+    shape: Shaper,
+) -> Term:
+    """Weighted sum over pairs of ``metric`` distances between captured target and prepared guide layers."""
+    pairs = list(plan)
+    results: list[tuple[Tensor, Tensor] | None] = [None] * len(pairs)
+    missing: set[str] = set()
+    shaped: dict[tuple[str, str], tuple[Tensor, Tensor | None]] = {}  # target features, once per layer
+    groups: dict[Any, list[int]] = {}
+    for i, pair in enumerate(pairs):
+        raw = captured.get(pair.target.name)
+        guide_side = prepared.get((pair.guide.name, pair.mode))
+        tensor, lengths = extract(raw) if raw is not None else (None, None)
+        if tensor is None or guide_side is None or pair.target.batch_dim is None:
+            missing.add(pair.key)
+            results[i] = (torch.ones(()), torch.zeros((), dtype=torch.bool))
+            continue
+        key = (pair.target.name, pair.mode)
+        if key not in shaped:
+            layer_mask = mask if lengths is None else lengths_to_mask(lengths, tensor.shape[1], tensor.device)
+            x, w = features(tensor, pair.target.batch_dim, pair.mode, layer_mask, pair.target.channels_first)
+            shaped[key] = shape(x, w, "target", pair.target.name)
+        x, w = shaped[key]
+        batch_key = metric.batch_key(guide_side) if w is None else None
+        group = (tuple(x.shape), x.dtype, x.device, batch_key) if batch_key is not None else i
+        groups.setdefault(group, []).append(i)
+    _measure_groups(pairs, metric, groups, shaped, prepared, results)
+    return _sum_term(pairs, results, weight, missing)
+
+
+def _measure_groups(
+    pairs: list[Any],
+    metric: Metric,
+    groups: dict[Any, list[int]],
+    shaped: dict[tuple[str, str], tuple[Tensor, Tensor | None]],
+    prepared: dict[tuple[str, str], Any],
+    results: list[tuple[Tensor, Tensor] | None],
+) -> None:
+    target_sides: dict[tuple[str, str], Any] = {}  # each target layer is reduced once per forward
+    for members in groups.values():
+        if len(members) > 1:  # same shapes: one batched problem, n x n work in few kernels
+            group = [pairs[i] for i in members]
+            keys = [(p.target.name, p.mode) for p in group]
+            unique = list(dict.fromkeys(keys))  # a target layer paired with several guide layers
+            side = metric.prepare_target_many([shaped[k][0] for k in unique])
+            if len(unique) < len(keys):
+                positions = {k: i for i, k in enumerate(unique)}
+                index = torch.tensor([positions[k] for k in keys], device=shaped[keys[0]][0].device)
+                side = metric.select_target(side, index)
+            stacked = metric.stack_prepared([prepared[(p.guide.name, p.mode)] for p in group])
+            distance, ok = metric.compare(side, stacked, None)
+            x = shaped[keys[0]][0]
+            _check_distance(metric, distance, (len(members), *x.shape[:-2]), group[0].key)
+            for j, i in enumerate(members):
+                results[i] = _reduce_positions(distance[j], ok[j])
+            continue
+        pair = pairs[members[0]]
+        key = (pair.target.name, pair.mode)
+        x, w = shaped[key]
+        if key not in target_sides:
+            target_sides[key] = metric.prepare_target(x, w)
+        distance, ok = metric.compare(target_sides[key], prepared[(pair.guide.name, pair.mode)], w)
+        _check_distance(metric, distance, tuple(x.shape[:-2]), pair.key)
+        results[members[0]] = _reduce_positions(distance, ok)
+
+
+def _sum_term(pairs: list[Any], results: list[tuple[Tensor, Tensor] | None], weight: float, missing: set[str]) -> Term:
+    distances = [r[0] for r in results if r is not None]
+    oks = [r[1] for r in results if r is not None]
+    device = next((d.device for d in distances if d.requires_grad), distances[0].device)
+    stacked = torch.stack([d.to(device) for d in distances])
+    ok_all = torch.stack([o.to(device) for o in oks]) & torch.isfinite(stacked.detach())
+    loss = weight * torch.where(ok_all, stacked, torch.zeros_like(stacked)).sum()
+    values, flags = torch.stack([stacked.detach(), ok_all.to(stacked.dtype)]).cpu().tolist()  # one host sync
+    return Term(loss, values, flags, missing)
+
+
+def _check_distance(metric: Metric, distance: Any, expected: tuple[int, ...], key: str) -> None:
+    if not isinstance(distance, Tensor) or tuple(distance.shape) != expected:
+        shape = tuple(distance.shape) if isinstance(distance, Tensor) else type(distance).__name__
+        raise MetricError(f"metric {metric.name!r} returned {shape} for pair {key}; expected a 0-dim tensor")
+
+
+def _reduce_positions(distance: Tensor, ok: Tensor) -> tuple[Tensor, Tensor]:
+    if distance.dim():  # token-wise: mean over the positions that could be measured
+        okf = ok.to(distance.dtype)
+        distance = torch.where(ok, distance, torch.zeros_like(distance)).sum() / okf.sum().clamp_min(1.0)
+        ok = ok.any()
+    return distance.float(), ok
