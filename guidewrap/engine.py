@@ -39,7 +39,7 @@ from . import distributed
 from .alignment import FeatureSubsets, alignment_term, reduce_guide
 from .config import GuidanceConfig
 from .errors import ConfigError, GuideRequiresGradError, PlanError, SkippedPairWarning
-from .hooks import HookSet
+from .hooks import HookSet, watch_double_count
 from .inputs import Routed, noise_call, route
 from .layers import DEFAULT_LAYER_TYPES, LayerPlan, build_plan, check_names, probe
 from .utils import unwrap_model
@@ -111,6 +111,7 @@ class GuidanceEngine:
         self._loss: Tensor | None = None
         self.last_alignment: dict[str, float] = {}
         self.counters = {"guided_forwards": 0, "guide_forwards": 0, "skipped_pairs": 0}
+        self._double_count_checks = 3
         self.closed = False
         if optimizer is not None:
             self.attach_optimizer(optimizer)
@@ -242,7 +243,10 @@ class GuidanceEngine:
             self._loss = self._finish(step, self.weight)
             self.counters["guided_forwards"] += 1
         if self.config.add_to_output_loss:
-            output = _add_to_loss(output, self._loss)
+            with_term = _add_to_loss(output, self._loss)
+            if with_term is not None and self._double_count_checks and self._loss.requires_grad:
+                self._double_count_checks -= 1  # the first steps show the pattern; later ones cost nothing
+                watch_double_count(with_term, self._loss)
         return output
 
     def abort(self) -> None:
@@ -402,9 +406,10 @@ class GuidanceEngine:
         self.closed = True
 
 
-def _add_to_loss(output: Any, term: Tensor) -> Any:
-    """Add ``term`` to ``output.loss`` / ``output["loss"]`` when the output carries a loss."""
+def _add_to_loss(output: Any, term: Tensor) -> Tensor | None:
+    """Add ``term`` to ``output.loss`` / ``output["loss"]`` when the output carries a loss; the new loss."""
     if isinstance(output, Mapping) and output.get("loss") is not None:
         loss = output["loss"]
         output["loss"] = loss + term.to(loss.device, loss.dtype) if isinstance(loss, Tensor) else loss + term  # type: ignore[index]
-    return output
+        return output["loss"]
+    return None

@@ -21,16 +21,20 @@ Examples:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
+
+from .errors import GuidewrapWarning
 
 if TYPE_CHECKING:
     from .engine import GuidanceEngine
 
-__all__ = ["HookSet", "attach_root", "guided_call"]
+__all__ = ["HookSet", "attach_root", "guided_call", "watch_double_count"]
 
 
 class HookSet:
@@ -104,3 +108,30 @@ def guided_call(
         engine.abort()
         raise
     return engine.end(output, kwargs)
+
+
+def watch_double_count(loss_with_term: Tensor, term: Tensor) -> None:
+    """Warn if ``term``, already inside ``loss_with_term``, is also added to the loss a second time.
+
+    Checked in the backward: when the term reaches the loss only through ``loss_with_term``, both get
+    the same gradient; a larger gradient on the term means it was added again (the classic
+    ``outputs.loss + guided.alignment_loss`` with a model whose ``outputs.loss`` already holds it).
+    """
+    seen: dict[str, Tensor] = {}
+
+    def on_loss(grad: Tensor) -> None:
+        seen["loss"] = grad
+
+    def on_term(grad: Tensor) -> None:
+        through_loss = seen.get("loss")
+        if through_loss is not None and not bool(torch.isclose(grad, through_loss.to(grad.dtype), rtol=1e-3).all()):
+            warnings.warn(
+                "the alignment term was counted twice: the model's output loss already contains it "
+                "(add_to_output_loss=True) and it was added to the loss again (e.g. outputs.loss + "
+                "guided.alignment_loss). Use outputs.loss alone, or pass add_to_output_loss=False.",
+                GuidewrapWarning,
+                stacklevel=2,
+            )
+
+    loss_with_term.register_hook(on_loss)
+    term.register_hook(on_term)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 import warnings
 import weakref
 from pathlib import Path
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 
 from .config import GuidanceConfig
 from .engine import GuidanceEngine
+from .errors import ConfigError
 from .hooks import guided_call
 from .interface import GuidanceInterface
 
@@ -80,6 +82,7 @@ class GuidedModel(GuidanceInterface, nn.Module):
         self.target = target
         # Kept out of _modules: the guide must never reach parameters() or state_dict().
         object.__setattr__(self, "_engine", engine)
+        object.__setattr__(self, "_checked_caller", False)
         self.register_buffer("guidance_step", torch.zeros((), dtype=torch.long))
         # A weak reference: the target's hooks hold the engine, and the engine must not keep the
         # wrapper alive (dropping the wrapper removes its hooks, see close()).
@@ -100,6 +103,9 @@ class GuidedModel(GuidanceInterface, nn.Module):
     # ------------------------------------------------------------------ module plumbing
 
     def _guided_forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._checked_caller and self.training:
+            _refuse_trainer_caller()
+            object.__setattr__(self, "_checked_caller", True)
         return guided_call(self._engine, self.target, args, kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -176,19 +182,59 @@ class GuidedModel(GuidanceInterface, nn.Module):
         return self._engine.evaluate(args, kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
-        """Save the target alone, in its own format.
+        """Save the target alone, in its own format (for the final model; for resuming use
+        ``state_dict()`` / ``accelerator.save_state``, which keep the step counter).
 
-        A Hugging Face target uses its own ``save_pretrained`` (loadable with
-        ``from_pretrained`` without guidewrap); any other module gets ``pytorch_model.bin``
-        holding ``target.state_dict()``.
+        A Hugging Face target uses its own ``save_pretrained`` (loadable with ``from_pretrained``
+        without guidewrap); any other module gets ``pytorch_model.bin`` holding its state dict. A
+        ``state_dict=`` passed in (Accelerate's ``accelerator.get_state_dict(model)`` of this wrapper)
+        is reduced to the target's own keys: the ``target.`` prefix is stripped and ``guidance_step``
+        dropped, so the checkpoint loads as the target.
+
+        Examples:
+            >>> import tempfile, torch
+            >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+            >>> guided = GuidedModel(net, torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)))
+            >>> folder = tempfile.mkdtemp()
+            >>> guided.save_pretrained(folder, state_dict=guided.state_dict())
+            >>> sorted(torch.load(f"{folder}/pytorch_model.bin"))
+            ['0.bias', '0.weight', '2.bias', '2.weight']
         """
         target = self._modules["target"]
+        state = kwargs.pop("state_dict", None)
+        if state is not None:
+            state = _target_keys(state)
         if hasattr(target, "save_pretrained"):
-            target.save_pretrained(save_directory, **kwargs)
+            target.save_pretrained(save_directory, **kwargs, **({"state_dict": state} if state is not None else {}))
             return
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
-        torch.save(target.state_dict(), path / "pytorch_model.bin")
+        torch.save(state if state is not None else target.state_dict(), path / "pytorch_model.bin")
+
+
+def _refuse_trainer_caller() -> None:
+    """A ``transformers.Trainer`` must hold the bare target (it inspects the model's class for labels
+    and saving, and logs nothing of a wrapper): found on the first training forward, by its frame."""
+    frame = sys._getframe(2)
+    for _ in range(40):
+        if frame is None:
+            return
+        owner = type(frame.f_locals.get("self"))
+        if any(c.__name__ == "Trainer" and c.__module__.startswith("transformers.") for c in owner.__mro__):
+            raise ConfigError(
+                "a GuidedModel was given to a transformers Trainer; give the Trainer the bare target and add "
+                "guidance with one line: guide_trainer(trainer, guide, ...) "
+                "(from guidewrap.integrations.transformers import guide_trainer)"
+            )
+        frame = frame.f_back
+
+
+def _target_keys(state: dict[str, Any]) -> dict[str, Any]:
+    """A wrapper's state dict as the target's: ``target.`` prefixes stripped, guidance entries dropped.
+    A state dict that is already the target's passes unchanged."""
+    if not any(key.startswith("target.") for key in state):
+        return dict(state)
+    return {key[len("target.") :]: value for key, value in state.items() if key.startswith("target.")}
 
 
 def _restore_step(module: nn.Module, _incompatible: Any) -> None:

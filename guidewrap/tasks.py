@@ -219,7 +219,6 @@ def train_variant(
         GuidedModel(target, guide, layers=pairs, guide_inputs="noise", weight=weight).pre_align(
             noise_shaped, steps=pre_align_steps
         )
-    x, y = data["x"], data["y"]
     curve: list[tuple[int, float, float, float]] = []
 
     def evaluate(step: int) -> None:
@@ -228,22 +227,10 @@ def train_variant(
             curve.append((step, accs[0], accs[1], accs[2]))
 
     mode = {"guided": "guided", "distill": "distill"}.get(variant, "none")
-    batches = random_batches(x, y, batch, seed)
-    # No gradient clipping: the demo's published figures were measured without it.
-    fit(
-        target,
-        batches,
-        nn.functional.cross_entropy,
-        steps,
-        guide=guide,
-        mode=mode,
-        lr=lr,
-        clip=None,
-        progress=progress,
-        callback=evaluate,
-        weight=weight,
-        layers=pairs,
-    )
+    batches = random_batches(data["x"], data["y"], batch, seed)
+    # No gradient clipping (clip=None), as in every published demo figure.
+    loop = {"lr": lr, "clip": None, "progress": progress, "callback": evaluate}
+    fit(target, batches, nn.functional.cross_entropy, steps, guide, mode, **loop, weight=weight, layers=pairs)
     return RunResult.from_curve(variant, seed, curve)
 
 

@@ -91,3 +91,38 @@ def test_layer_names_resolve_through_compile_and_ddp_style_wrappers() -> None:
     assert unwrap_model(wrapped) is target
     plan = GuidedModel(wrapped, guide, layers=[("0", "0"), ("2", "2")]).plan(torch.randn(8, 8))
     assert [(p.target.name, p.guide.name) for p in plan] == [("0", "0"), ("2", "2")]
+
+
+@pytest.mark.parametrize("pattern", ["plain", "accelerate_state_dict"])
+def test_final_save_patterns_load_as_the_target_without_guidewrap(tmp_path: Path, pattern: str) -> None:
+    # accelerate's examples save with unwrap_model(model).save_pretrained(dir, state_dict=
+    # accelerator.get_state_dict(model)): the wrapper's keys must become the target's.
+    import subprocess
+    import sys
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    target = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2))
+    guide = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=8, n_layer=1, n_head=2))
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.SGD(target.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(GuidedModel(target, guide, optimizer=optimizer), optimizer)
+    ids = torch.randint(0, 50, (4, 12))
+    accelerator.backward(model(input_ids=ids, labels=ids).loss)
+    optimizer.step()  # the saved weights differ from any fresh initialisation
+    out = tmp_path / "final"
+    if pattern == "plain":
+        unwrap_model(model).save_pretrained(out)
+    else:
+        unwrap_model(model).save_pretrained(out, state_dict=accelerator.get_state_dict(model))
+    script = (
+        "import sys; sys.modules['guidewrap'] = None\n"  # guidewrap cannot be imported
+        "from transformers import GPT2LMHeadModel\n"
+        f"m = GPT2LMHeadModel.from_pretrained({str(out)!r})\n"
+        "print(sum(float(p.double().sum()) for p in m.parameters()))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = sum(float(p.detach().double().sum()) for p in target.parameters())
+    assert float(result.stdout.strip().splitlines()[-1]) == pytest.approx(expected, rel=1e-9)

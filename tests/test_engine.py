@@ -581,3 +581,34 @@ def test_adapter_runs_once_per_step_and_no_step_state_outlives_the_forward() -> 
         assert len(calls) == expected
         assert guided.engine._step is None  # the step's captures and guide features are gone
     assert guided.alignment_loss.item() > 0 and len(guided.last_alignment) > 0
+
+
+class _WithLoss(nn.Module):
+    """Returns {"logits", "loss"} like a Hugging Face model given labels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = mlp(d_in=4, width=8, depth=2, d_out=2)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.body(x)
+        return {"logits": logits, "loss": nn.functional.cross_entropy(logits, labels)}
+
+
+@pytest.mark.parametrize(("use", "warns"), [("output", False), ("output+term", True), ("logits+term", False)])
+def test_a_term_counted_twice_is_reported(use: str, warns: bool) -> None:
+    guide = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2))
+    guided = GuidedModel(_WithLoss(), guide)
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = guided(x, labels=y)
+        if use == "output":  # the rule: the output's loss already holds the term
+            loss = out["loss"]
+        elif use == "output+term":  # the mistake: the term a second time
+            loss = out["loss"] + guided.alignment_loss
+        else:  # a loss of the user's own from the logits, plus the term once: fine
+            loss = nn.functional.cross_entropy(out["logits"], y) + guided.alignment_loss
+        loss.backward()
+    doubled = [w for w in caught if "counted twice" in str(w.message)]
+    assert bool(doubled) == warns, [str(w.message) for w in caught]

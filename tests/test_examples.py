@@ -41,3 +41,18 @@ def test_experiment_example_smoke(name: str, column: str, capsys: pytest.Capture
     assert len(rows) >= 2 and all(math.isfinite(row[column]) for row in rows)
     table = capsys.readouterr().out
     assert f" {column} |" in table and "|---|" in table  # the results table was printed
+
+
+def test_parity_example_aligns_the_read_out_vectors(capsys: pytest.CaptureFixture[str]) -> None:
+    # --features last: one pair, the Transformer's pooled vector <- the RNN's last real position
+    rows = _load("parity").main(smoke=True, features="last")
+    assert len(rows) == 4 and all(math.isfinite(row["accuracy"]) for row in rows)
+    assert "features last" in capsys.readouterr().out
+    from lab.parity import ParityRNN, ParityTask, ParityTransformer
+
+    from guidewrap import GuidedModel
+
+    b = ParityTask(max_len=6).sample(8, seed=0)
+    guided = GuidedModel(ParityTransformer(d_model=8, heads=2), ParityRNN(hidden=8), layers=[("pool", "readout")])
+    plan = guided.plan(b["input_ids"], b["attention_mask"])
+    assert [(p.key, p.target.features, p.guide.features) for p in plan] == [("pool<-readout", 8, 8)]

@@ -226,6 +226,13 @@ def test_guided_model_in_trainer_is_refused_with_the_fix(tmp_path: Path) -> None
         guide_trainer(trainer, _gpt2())
 
 
+def test_guided_model_handed_straight_to_a_trainer_is_refused_at_train(tmp_path: Path) -> None:
+    # Without guide_trainer the Trainer would train with no guidance logs and fail to save (tied weights).
+    trainer = Trainer(model=GuidedModel(_rnn(), _gpt2()), args=_args(tmp_path), train_dataset=CORPUS.dataset())
+    with pytest.raises(ConfigError, match=r"guide_trainer\(trainer, guide"):
+        trainer.train()
+
+
 def test_trainer_example_smoke() -> None:
     import importlib.util
 
