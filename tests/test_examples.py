@@ -56,3 +56,24 @@ def test_parity_example_aligns_the_read_out_vectors(capsys: pytest.CaptureFixtur
     guided = GuidedModel(ParityTransformer(d_model=8, heads=2), ParityRNN(hidden=8), layers=[("pool", "readout")])
     plan = guided.plan(b["input_ids"], b["attention_mask"])
     assert [(p.key, p.target.features, p.guide.features) for p in plan] == [("pool<-readout", 8, 8)]
+
+
+def test_demo_study_resumes_and_reports_paired_differences(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+    import torch
+
+    study = _load("demo_study")
+    threads = torch.get_num_threads()
+    try:
+        study.run_study([0, 1], ["baseline", "guided"], 1, tmp_path, steps=3)
+        saved = sorted(p.name for p in (tmp_path / "threads1").iterdir())
+        assert saved == ["seed0_baseline.json", "seed0_guided.json", "seed1_baseline.json", "seed1_guided.json"]
+        before = (tmp_path / "threads1" / "seed0_guided.json").stat().st_mtime_ns
+        study.run_study([0, 1], ["baseline", "guided"], 1, tmp_path, steps=3)  # resumes: nothing re-run
+        assert (tmp_path / "threads1" / "seed0_guided.json").stat().st_mtime_ns == before
+    finally:
+        torch.set_num_threads(threads)
+    text = study.report(tmp_path, tmp_path / "paired.png")
+    runs = study.load_runs(tmp_path)[1]
+    diffs = [runs["guided"][s]["test_acc"] - runs["baseline"][s]["test_acc"] for s in (0, 1)]
+    assert f"per seed {diffs[0]:+.3f} / {diffs[1]:+.3f}" in text  # the report's numbers are the runs'
+    assert (tmp_path / "paired.png").read_bytes()[:4] == b"\x89PNG"
