@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .capture import extract, features, lengths_to_mask
 from .errors import BatchSizeMismatchError, MetricError
 from .hooks import HookSet
-from .inputs import Routed
+from .inputs import Routed, call_guide
 from .layers import LayerPlan
 from .metrics import Metric
 
@@ -96,7 +96,7 @@ def reduce_guide(
     hooks.tap({name: modules[name] for name in wanted}, sink)
     try:
         with torch.inference_mode():
-            guide(*routed.guide_args, **routed.guide_kwargs)
+            call_guide(guide, routed.guide_args, routed.guide_kwargs)
     finally:
         hooks.remove()
     # Out of inference mode: autograd may save these for the target's backward.

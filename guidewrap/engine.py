@@ -27,6 +27,7 @@ Examples:
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -38,9 +39,9 @@ from torch import Tensor, nn
 from . import distributed
 from .alignment import FeatureSubsets, alignment_term, reduce_guide
 from .config import GuidanceConfig
-from .errors import ConfigError, GuideRequiresGradError, PlanError, SkippedPairWarning
+from .errors import ConfigError, GuideRequiresGradError, MetricError, PlanError, SkippedPairWarning
 from .hooks import HookSet, watch_double_count
-from .inputs import Routed, noise_call, route
+from .inputs import Routed, call_guide, noise_call, route
 from .layers import DEFAULT_LAYER_TYPES, LayerPlan, build_plan, check_names, probe
 from .utils import unwrap_model
 
@@ -101,6 +102,7 @@ class GuidanceEngine:
         self._freeze_guide()
         self._names = check_names(config.layers, self.target, self.guide)
         self._subsets = FeatureSubsets(config.max_features)
+        self._target_float: torch.dtype | None = None  # the target's precision, read at each step
         self.step_count = 0
         self.on_step: Callable[[int], None] | None = None
         self._plan: LayerPlan | None = None
@@ -258,6 +260,7 @@ class GuidanceEngine:
         routed = route(
             self.guide, self.config.guide_inputs, args, kwargs, self.config.input_batch_dim, self.config.mask_key
         )
+        self._target_float = next((p.dtype for p in self.target.parameters() if p.is_floating_point()), None)
         plan = self._plan if self._plan is not None else self._resolve_plan(args, kwargs, routed)
         self._install_taps(plan)
         step = GuidedStep(routed)
@@ -266,6 +269,8 @@ class GuidanceEngine:
         return step
 
     def _shape(self, x: Tensor, w: Tensor | None, side: str, name: str) -> tuple[Tensor, Tensor | None]:
+        if side == "guide" and x.dtype == torch.float64 and self._target_float != torch.float64:
+            x = x.float()  # a float64 guide beside a float32 target: compare in the target's precision
         x = self._subsets(x, (side, name))
         return distributed.gather(x, w, differentiable=side == "target", mode=self.config.distributed)
 
@@ -280,6 +285,11 @@ class GuidanceEngine:
             if flag:
                 self.last_alignment[pair.key] = 1.0 - value
                 continue
+            if not math.isfinite(value):  # the built-in metrics never return one: a custom metric did
+                raise MetricError(
+                    f"metric {self.metric.name!r} returned {value} for pair {pair.key}; a metric must return a "
+                    "finite distance (guard its divisions, or return a fallback for degenerate input)"
+                )
             self.counters["skipped_pairs"] += 1
             why = "its target layer did not run" if pair.key in term.missing else "degenerate or non-finite features"
             warnings.warn(
@@ -325,10 +335,11 @@ class GuidanceEngine:
                 run_target = lambda: self.target(*args, **kwargs)  # noqa: E731
                 t_layers = probe(self.target, run_target, n, self._names["target"], self.layer_types)
             with torch.inference_mode():
-                run_guide = lambda: self.guide(*routed.guide_args, **routed.guide_kwargs)  # noqa: E731
+                run_guide = lambda: call_guide(self.guide, routed.guide_args, routed.guide_kwargs)  # noqa: E731
                 g_layers = probe(self.guide, run_guide, n, self._names["guide"], self.layer_types)
         finally:
             self.busy = False
+        _check_named_layers_ran(self.config.layers, {"target": t_layers, "guide": g_layers})
         self._plan = build_plan(
             t_layers, g_layers, self.config.layers, self.config.sequence, self.config.exclude_output_layer
         )
@@ -404,6 +415,21 @@ class GuidanceEngine:
         self._optimizer_hooks.remove()
         self.abort()
         self.closed = True
+
+
+def _check_named_layers_ran(layers: Any, fired: dict[str, list[Any]]) -> None:
+    """A layer named exactly in a per-side list must run; a pattern may match modules that do not."""
+    if not isinstance(layers, dict):
+        return  # "auto" skips what does not run; explicit pairs are checked by build_plan
+    for side, spec in layers.items():
+        names = {info.name for info in fired[side]}
+        exact = [] if spec == "auto" else [n for n in spec if not any(c in n for c in "*?[")]
+        missing = [n for n in exact if n not in names]
+        if missing:
+            raise PlanError(
+                f"{side} layer {missing[0]!r} did not run during the forward pass, so it cannot be aligned; "
+                f"remove it from layers[{side!r}] (plan(example) lists the layers that run)"
+            )
 
 
 def _add_to_loss(output: Any, term: Tensor) -> Tensor | None:

@@ -225,6 +225,7 @@ def route(
             "so a guide_inputs adapter must keep the batch size"
         )
     g_args, g_kwargs = fit_call(guide.forward, tuple(g_args), g_kwargs)
+    g_args, g_kwargs = _to_dtype(g_args, _float_dtype(guide)), _to_dtype(g_kwargs, _float_dtype(guide))
     mask = kwargs.get(mask_key)
     mask = mask if isinstance(mask, Tensor) else None
     g_mask = g_kwargs.get(mask_key, mask)
@@ -247,3 +248,52 @@ def move_to_data(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, A
         ref = next(iter(model.buffers()), None)
     if tensor is not None and ref is not None and ref.device != tensor.device:
         model.to(tensor.device)
+
+
+def call_guide(guide: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+    """Run the guide on a routed call; the usual mismatches become errors that name the fix."""
+    try:
+        return guide(*args, **kwargs)
+    except IndexError as exc:
+        tokens = [t for t in (*args, *kwargs.values()) if isinstance(t, Tensor) and not t.is_floating_point()]
+        vocab = vocab_size_of(guide)
+        largest = max((int(t.max()) for t in tokens if t.numel()), default=-1)
+        if vocab is not None and largest >= vocab:
+            raise ConfigError(
+                f"the guide's vocabulary has {vocab} tokens but the batch holds ids up to {largest}; map the "
+                "target's ids to the guide's with a guide_inputs adapter, or use a guide sharing its tokenizer"
+            ) from exc
+        raise
+    except ValueError as exc:
+        encoder_decoder = bool(getattr(getattr(guide, "config", None), "is_encoder_decoder", False))
+        given = any(key.startswith("decoder_") for key in kwargs)
+        if (encoder_decoder and not given) or "decoder_input_ids" in str(exc):
+            raise ConfigError(
+                "this guide is an encoder-decoder model and needs decoder inputs: guide its encoder "
+                "(pass guide.get_encoder() as the guide) or give guide_inputs=lambda **kw: {**kw, "
+                "'decoder_input_ids': ...}"
+            ) from exc
+        raise
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype | None:
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return None
+
+
+def _to_dtype(value: Any, dtype: torch.dtype | None) -> Any:
+    """Floating tensors cast to the guide's own precision (a float64 guide given float32 inputs);
+    autocast, when on, still decides the precision of the guide's operations."""
+    if dtype is None:
+        return value
+    if isinstance(value, Tensor):
+        return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
+    if isinstance(value, Mapping):
+        return {k: _to_dtype(v, dtype) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(_to_dtype(v, dtype) for v in value)
+    if isinstance(value, list):
+        return [_to_dtype(v, dtype) for v in value]
+    return value

@@ -259,6 +259,8 @@ def probe(
     modules = dict(model.named_modules())
     if names is None:
         candidates = {name: m for name, m in modules.items() if name and _is_candidate(m, layer_types)}
+        if not candidates and _is_candidate(model, layer_types):
+            candidates = {"": model}  # a bare layer as the whole model (nn.LSTM, nn.Linear): itself
     else:
         candidates = {name: modules[name] for name in names}
     seen: dict[str, LayerInfo] = {}
@@ -288,6 +290,11 @@ def describe(model: nn.Module, name: str, module: nn.Module, output: Any, n: int
     tensor, lengths = extract(output)
     if tensor is None:
         return LayerInfo(name, kind, None, skip_reason=f"output of type {type(output).__name__} holds no float tensor")
+    if tensor.dim() < 2:
+        return LayerInfo(
+            name, kind, tuple(tensor.shape), skip_reason=f"1-D output {tuple(tensor.shape)}: no per-sample "
+            "features (is the input batched? guidance needs (n, ...) inputs)"
+        )  # fmt: skip
     hint = True if lengths is not None else _batch_first_hint(model, name)
     batch_dim = find_batch_dim(tensor, n, hint)
     if batch_dim is None:

@@ -214,13 +214,15 @@ class GuidedModel(GuidanceInterface, nn.Module):
 
 def _refuse_trainer_caller() -> None:
     """A ``transformers.Trainer`` must hold the bare target (it inspects the model's class for labels
-    and saving, and logs nothing of a wrapper): found on the first training forward, by its frame."""
+    and saving, and logs nothing of a wrapper): found on the first training forward by its
+    ``training_step`` frame. Only code objects and module names are read: reading a frame's locals
+    would keep the caller's objects alive."""
     frame = sys._getframe(2)
     for _ in range(40):
         if frame is None:
             return
-        owner = type(frame.f_locals.get("self"))
-        if any(c.__name__ == "Trainer" and c.__module__.startswith("transformers.") for c in owner.__mro__):
+        module = frame.f_globals.get("__name__", "")
+        if module.startswith("transformers.trainer") and frame.f_code.co_name == "training_step":
             raise ConfigError(
                 "a GuidedModel was given to a transformers Trainer; give the Trainer the bare target and add "
                 "guidance with one line: guide_trainer(trainer, guide, ...) "

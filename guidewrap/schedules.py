@@ -41,10 +41,10 @@ class GuidanceSchedule:
             raise ConfigError(f"weight must be a finite number, got {self.weight!r}")
         if self.weight < 0:
             raise ConfigError(f"weight must be >= 0, got {self.weight}; a negative weight would push layers apart")
-        if not isinstance(self.start_step, int) or self.start_step < 0:
+        if not isinstance(self.start_step, int) or isinstance(self.start_step, bool) or self.start_step < 0:
             raise ConfigError(f"start_step must be an integer >= 0, got {self.start_step!r}")
         if self.until_step is not None:
-            if not isinstance(self.until_step, int) or self.until_step < 0:
+            if not isinstance(self.until_step, int) or isinstance(self.until_step, bool) or self.until_step < 0:
                 raise ConfigError(f"until_step must be an integer >= 0 or None, got {self.until_step!r}")
             if self.until_step <= self.start_step:
                 raise ConfigError(

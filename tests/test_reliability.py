@@ -371,3 +371,92 @@ def test_pre_align_evaluate_and_dropped_wrappers_leave_no_hooks() -> None:
     del guided
     gc.collect()
     assert _no_hooks(target, guide) and not opt._optimizer_step_post_hooks
+
+
+# --------------------------------------------------------------------------- clear errors, not crashes
+
+
+class _TwoLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.unused, self.b = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+def _small_guide() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+
+
+def test_window_bounds_must_be_integers_not_booleans() -> None:
+    from guidewrap.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="until_step"):
+        GuidedModel(_TwoLayer(), _small_guide(), until_step=True)
+    with pytest.raises(ConfigError, match="start_step"):
+        GuidedModel(_TwoLayer(), _small_guide(), start_step=False, until_step=3)
+
+
+def test_a_bare_layer_as_the_whole_model_is_its_own_layer() -> None:
+    guided = GuidedModel(nn.LSTM(4, 8, batch_first=True), _small_guide(), exclude_output_layer=False)
+    plan = guided.plan(torch.randn(6, 5, 4))
+    assert [p.target.name for p in plan] == ["", ""] and all(p.target.type == "LSTM" for p in plan)
+    guided(torch.randn(6, 5, 4))
+    assert guided.alignment_loss.item() > 0
+
+
+def test_a_named_layer_that_never_runs_is_an_error_not_a_silent_drop() -> None:
+    from guidewrap.errors import PlanError
+
+    guided = GuidedModel(_TwoLayer(), _small_guide(), layers={"target": ["a", "unused"], "guide": ["0", "2"]})
+    with pytest.raises(PlanError, match="'unused' did not run"):
+        guided.plan(torch.randn(8, 4))
+    patterns = GuidedModel(_TwoLayer(), _small_guide(), layers={"target": ["*"], "guide": ["0", "2"]})
+    assert len(patterns.plan(torch.randn(8, 4))) == 2  # a pattern may match modules that do not run
+
+
+def test_a_non_finite_custom_metric_raises_naming_the_pair() -> None:
+    from guidewrap.errors import MetricError
+
+    guided = GuidedModel(_TwoLayer(), _small_guide(), metric=lambda x, y: torch.tensor(float("nan")))
+    with pytest.raises(MetricError, match="returned nan for pair"):
+        guided(torch.randn(8, 4))
+
+
+def test_a_float64_guide_gets_float64_inputs() -> None:
+    guided = GuidedModel(_TwoLayer(), _small_guide().double())
+    guided(torch.randn(8, 4))
+    assert guided.alignment_loss.dtype == torch.float32 and guided.alignment_loss.item() > 0
+
+
+def test_one_dimensional_input_is_a_plan_error_with_the_reason() -> None:
+    from guidewrap.errors import PlanError
+
+    same = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    with pytest.raises(PlanError, match="1-D output"):
+        GuidedModel(same, nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)))(torch.randn(4))
+
+
+def test_a_guide_with_a_smaller_vocabulary_says_so() -> None:
+    from guidewrap.errors import ConfigError
+
+    target = nn.Sequential(nn.Embedding(100, 8), nn.Linear(8, 8), nn.Linear(8, 4))
+    guide = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 4))
+    ids = torch.full((6, 5), 50)
+    with pytest.raises(ConfigError, match="vocabulary has 10 tokens but the batch holds ids up to 50"):
+        GuidedModel(target, guide)(ids)
+
+
+def test_an_encoder_decoder_guide_names_the_adapter_to_pass() -> None:
+    transformers = pytest.importorskip("transformers")
+    from guidewrap.errors import ConfigError
+
+    config = transformers.T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
+    guide = transformers.T5Model(config)
+    target = nn.Sequential(nn.Embedding(32, 8), nn.Linear(8, 8), nn.Linear(8, 4))
+    with pytest.raises(ConfigError, match="get_encoder"):
+        GuidedModel(target, guide)(torch.randint(0, 32, (4, 6)))
+    encoder = GuidedModel(target, guide.get_encoder())  # the fix the message names
+    encoder(torch.randint(0, 32, (4, 6)))
+    assert encoder.alignment_loss.item() > 0
