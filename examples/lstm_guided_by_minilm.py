@@ -65,6 +65,7 @@ def main(
     smoke: bool = False,
     python_docs: bool = False,
     out: str | None = None,
+    weight: float = WEIGHT,
 ) -> list:
     seq_len, batch, hidden = (16, 8, 32) if smoke else (32, 32, 128)
     if smoke:
@@ -120,7 +121,7 @@ def main(
                 mode="none" if guide is None else "guided",
                 lr=2e-3,
                 layers=PAIRS,
-                weight=WEIGHT,
+                weight=weight,
                 guide_inputs=to_guide,
             )
             with torch.no_grad():
@@ -132,7 +133,7 @@ def main(
                 print(f"seed {seed} {name}: perplexity {ppl:.2f} ({row['seconds']:.0f} s)", flush=True)
     print(
         f"token LM on MiniLM's tokens ({len(used)} used of {tokenizer.vocab_size}), context {seq_len}, batch {batch}, "
-        f"LSTM 4 x {hidden}, {steps} steps, weight {WEIGHT} over MiniLM's 6 blocks, seeds {list(seeds)}"
+        f"LSTM 4 x {hidden}, {steps} steps, weight {weight} over MiniLM's 6 blocks, seeds {list(seeds)}"
     )
     print(summarize(rows, "model", ["perplexity"]))
     return rows
@@ -146,8 +147,9 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--out", help="folder for one JSON file per finished run (resumes)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--weight", type=float, default=WEIGHT, help=f"guidance weight (default {WEIGHT})")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (used by the tests)")
     a = parser.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    main(a.text_file, tuple(a.seeds), a.steps, a.smoke, a.python_docs, a.out)
+    main(a.text_file, tuple(a.seeds), a.steps, a.smoke, a.python_docs, a.out, a.weight)
