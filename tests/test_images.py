@@ -100,3 +100,15 @@ def test_error_consistency_uses_correctness_not_the_predicted_class() -> None:
 def test_error_consistency_bad_input(a: list, b: list, labels: list, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         error_consistency(a, b, labels)
+
+
+@pytest.mark.skipif(
+    not (Path("/usr/share/datasets/fashion-mnist") / "train-images-idx3-ubyte.gz").exists(),
+    reason="Debian's dataset-fashion-mnist is not installed (make data)",
+)
+def test_the_installed_fashion_mnist_reads_as_the_study_uses_it() -> None:
+    data = load_fashion_mnist(train_samples=5000, val_samples=5000)
+    assert data["x"].shape == (5000, 1, 28, 28) and data["x_val"].shape == (5000, 1, 28, 28)
+    assert data["x_test"].shape == (10_000, 1, 28, 28)
+    assert sorted(data["y_test"].unique().tolist()) == list(range(10))
+    assert torch.bincount(data["y_test"]).tolist() == [1000] * 10  # the official test split is balanced
