@@ -290,17 +290,17 @@ def describe(model: nn.Module, name: str, module: nn.Module, output: Any, n: int
     tensor, lengths = extract(output)
     if tensor is None:
         return LayerInfo(name, kind, None, skip_reason=f"output of type {type(output).__name__} holds no float tensor")
-    if tensor.dim() < 2:
-        return LayerInfo(
-            name, kind, tuple(tensor.shape), skip_reason=f"1-D output {tuple(tensor.shape)}: no per-sample "
-            "features (is the input batched? guidance needs (n, ...) inputs)"
-        )  # fmt: skip
     hint = True if lengths is not None else _batch_first_hint(model, name)
     batch_dim = find_batch_dim(tensor, n, hint)
     if batch_dim is None:
         return LayerInfo(
             name, kind, tuple(tensor.shape), skip_reason=f"no batch dimension of size {n} in output shape "
             f"{tuple(tensor.shape)}"
+        )  # fmt: skip
+    if tensor.dim() < 2:
+        return LayerInfo(
+            name, kind, tuple(tensor.shape), skip_reason=f"1-D output {tuple(tensor.shape)}: no per-sample "
+            "features (is the input batched? guidance needs (n, ...) inputs)"
         )  # fmt: skip
     shape = tuple(tensor.movedim(batch_dim, 0).shape)
     return LayerInfo(name, kind, shape, batch_dim=batch_dim, channels_first=is_channels_first(module))

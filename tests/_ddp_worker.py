@@ -41,6 +41,9 @@ def main(out: str, mode: str) -> None:
     loss.backward()
     grads = {name: p.grad.clone() for name, p in target.named_parameters() if p.grad is not None}
     torch.save({"alignment": guided.alignment_loss.item(), "grads": grads}, f"{out}/rank{rank}.pt")
+    # Both ranks reach the end before either tears gloo down: a rank destroying its group while the
+    # other still talks to it can abort ("terminate called without an active exception") under load.
+    dist.barrier()
     dist.destroy_process_group()
 
 
