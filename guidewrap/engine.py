@@ -41,7 +41,7 @@ from .alignment import FeatureSubsets, alignment_term, reduce_guide
 from .config import GuidanceConfig
 from .errors import ConfigError, GuideRequiresGradError, MetricError, PlanError, SkippedPairWarning
 from .hooks import HookSet, watch_double_count
-from .inputs import Routed, call_guide, noise_call, route
+from .inputs import Routed, call_guide, float_dtype, noise_call, route
 from .layers import DEFAULT_LAYER_TYPES, LayerPlan, build_plan, check_names, probe
 from .utils import unwrap_model
 
@@ -260,7 +260,7 @@ class GuidanceEngine:
         routed = route(
             self.guide, self.config.guide_inputs, args, kwargs, self.config.input_batch_dim, self.config.mask_key
         )
-        self._target_float = next((p.dtype for p in self.target.parameters() if p.is_floating_point()), None)
+        self._target_float = float_dtype(self.target)
         plan = self._plan if self._plan is not None else self._resolve_plan(args, kwargs, routed)
         self._install_taps(plan)
         step = GuidedStep(routed)

@@ -13,6 +13,7 @@ Examples:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -225,7 +226,8 @@ def route(
             "so a guide_inputs adapter must keep the batch size"
         )
     g_args, g_kwargs = fit_call(guide.forward, tuple(g_args), g_kwargs)
-    g_args, g_kwargs = _to_dtype(g_args, _float_dtype(guide)), _to_dtype(g_kwargs, _float_dtype(guide))
+    dtype = float_dtype(guide)
+    g_args, g_kwargs = _to_dtype(g_args, dtype), _to_dtype(g_kwargs, dtype)
     mask = kwargs.get(mask_key)
     mask = mask if isinstance(mask, Tensor) else None
     g_mask = g_kwargs.get(mask_key, mask)
@@ -276,8 +278,9 @@ def call_guide(guide: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any
         raise
 
 
-def _float_dtype(model: nn.Module) -> torch.dtype | None:
-    for tensor in (*model.parameters(), *model.buffers()):
+def float_dtype(model: nn.Module) -> torch.dtype | None:
+    """The precision of the model's first floating-point parameter (or buffer)."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
         if tensor.is_floating_point():
             return tensor.dtype
     return None
