@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,33 +42,10 @@ from .errors import ConfigError, GuideRequiresGradError, MetricError, PlanError,
 from .hooks import HookSet, watch_double_count
 from .inputs import Routed, call_guide, float_dtype, noise_call, route
 from .layers import DEFAULT_LAYER_TYPES, LayerPlan, build_plan, check_names, probe
+from .step import GuidedStep
 from .utils import unwrap_model
 
-__all__ = ["GuidanceEngine", "GuidedStep"]
-
-
-@dataclass
-class GuidedStep:
-    """The state of one guided forward: created by ``begin``, consumed by ``end``, then dropped.
-
-    ``prepared`` holds the guide's reduced layers, ``captured`` the target's layer outputs (written
-    by the taps while ``capturing``); ``noise`` marks a step whose alignment runs on noise after the
-    task forward (``guide_inputs="noise"``).
-    """
-
-    routed: Routed | None
-    args: tuple[Any, ...] = ()
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    noise: bool = False
-    capturing: bool = False
-    prepared: dict[tuple[str, str], Any] = field(default_factory=dict)
-    captured: dict[str, Any] = field(default_factory=dict)
-
-    def capture(self, name: str, output: Any) -> None:
-        # Only while the step's forward runs: recomputation under activation checkpointing
-        # happens during backward, after capture has ended, and is not counted twice.
-        if self.capturing:
-            self.captured[name] = output
+__all__ = ["GuidanceEngine"]
 
 
 class GuidanceEngine:
