@@ -40,10 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from demo_study import cpu_model  # noqa: E402
 from fashion_data import load_fashion_mnist, write_idx  # noqa: E402
-from lab.common import distillation_loss  # noqa: E402
 
 from guidewrap import GuidedModel  # noqa: E402
 from guidewrap.analysis import error_consistency  # noqa: E402
+from guidewrap.tasks import fit, random_batches  # noqa: E402
 
 FCN_VARIANTS = ("alone", "guided_untrained", "guided_trained", "init_noise", "distill_untrained", "distill_trained")
 CONV_VARIANTS = ("conv_alone", "conv_guided_untrained", "conv_guided_trained")
@@ -87,12 +87,6 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch: int = 1000) -> tuple
     return float((pred == y).float().mean()), float(nn.functional.cross_entropy(logits, y)), pred.tolist()
 
 
-def batches(data: dict[str, Tensor], batch: int, seed: int):  # noqa: ANN201
-    gen = torch.Generator().manual_seed(seed)
-    n = len(data["x"])
-    return lambda: (lambda idx: (data["x"][idx], data["y"][idx]))(torch.randint(0, n, (batch,), generator=gen))
-
-
 def train(
     target: nn.Module,
     data: dict[str, Tensor],
@@ -104,47 +98,20 @@ def train(
     mode: str = "none",
     weight: float = 1.0,
 ) -> dict:
-    """Adam 1e-3 on cross-entropy (+ guidance or distillation); the curves and the final predictions."""
-    opt = torch.optim.Adam(target.parameters(), lr=1e-3)
-    model: nn.Module = target
-    guided = None
-    if mode == "guided":
-        guided = GuidedModel(target, guide, optimizer=opt, weight=weight)
-        model = guided
-    elif mode == "distill":
-        guide.eval().requires_grad_(False)  # type: ignore[union-attr]
-    draw = batches(data, batch, seed)
+    """Adam 1e-3 on cross-entropy (+ guidance or distillation) through the package's training loop
+    (:func:`guidewrap.tasks.fit`, no clipping); the curves and the final predictions."""
     curve = []
-    target.train()
-    for step in range(1, steps + 1):
-        x, y = draw()
-        out = model(x)
-        loss = nn.functional.cross_entropy(out, y)
-        if guided is not None:
-            loss = loss + guided.alignment_loss
-        if mode == "distill":
-            with torch.no_grad():
-                teacher = guide(x)  # type: ignore[misc]
-            loss = loss + distillation_loss(out, teacher)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {step} ({mode})")
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+
+    def record(step: int) -> None:
         if step % eval_every == 0 or step == steps:
             train_acc, train_loss, _ = evaluate(target, data["x"], data["y"])
             val_acc, val_loss, _ = evaluate(target, data["x_val"], data["y_val"])
-            curve.append(
-                {
-                    "step": step,
-                    "train_acc": train_acc,
-                    "train_loss": train_loss,
-                    "val_acc": val_acc,
-                    "val_loss": val_loss,
-                }
-            )
-    if guided is not None:
-        guided.close()
+            curve.append({"step": step, "train_acc": train_acc, "train_loss": train_loss} | {
+                "val_acc": val_acc, "val_loss": val_loss})  # fmt: skip
+
+    draw = random_batches(data["x"], data["y"], batch, seed)
+    guidance = {"weight": weight} if mode == "guided" else {}
+    fit(target, draw, nn.functional.cross_entropy, steps, guide, mode, clip=None, callback=record, **guidance)
     test_acc, test_loss, pred = evaluate(target, data["x_test"], data["y_test"])
     last = curve[-1]
     return {
