@@ -315,7 +315,6 @@ class GuidanceEngine:
                 g_layers = probe(self.guide, run_guide, n, self._names["guide"], self.layer_types)
         finally:
             self.busy = False
-        _check_named_layers_ran(self.config.layers, {"target": t_layers, "guide": g_layers})
         self._plan = build_plan(
             t_layers, g_layers, self.config.layers, self.config.sequence, self.config.exclude_output_layer
         )
@@ -391,21 +390,6 @@ class GuidanceEngine:
         self._optimizer_hooks.remove()
         self.abort()
         self.closed = True
-
-
-def _check_named_layers_ran(layers: Any, fired: dict[str, list[Any]]) -> None:
-    """A layer named exactly in a per-side list must run; a pattern may match modules that do not."""
-    if not isinstance(layers, dict):
-        return  # "auto" skips what does not run; explicit pairs are checked by build_plan
-    for side, spec in layers.items():
-        names = {info.name for info in fired[side]}
-        exact = [] if spec == "auto" else [n for n in spec if not any(c in n for c in "*?[")]
-        missing = [n for n in exact if n not in names]
-        if missing:
-            raise PlanError(
-                f"{side} layer {missing[0]!r} did not run during the forward pass, so it cannot be aligned; "
-                f"remove it from layers[{side!r}] (plan(example) lists the layers that run)"
-            )
 
 
 def _add_to_loss(output: Any, term: Tensor) -> Tensor | None:

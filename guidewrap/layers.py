@@ -335,6 +335,7 @@ def build_plan(
             pairs.append(_pair(t_info, g_info, sequence, notes))
         return _finish(LayerPlan(pairs, skipped, notes))
 
+    _check_named_layers_ran(layers, {"target": target_layers, "guide": guide_layers})
     t_spec = layers["target"] if isinstance(layers, dict) else "auto"
     g_spec = layers["guide"] if isinstance(layers, dict) else "auto"
     drop_last = exclude_output_layer
@@ -355,6 +356,21 @@ def build_plan(
         )
     pairs = [_pair(t_good[ti], g, sequence, notes) for g, ti in zip(g_good, index, strict=True)]
     return _finish(LayerPlan(pairs, skipped, notes))
+
+
+def _check_named_layers_ran(layers: Any, fired: dict[str, list[LayerInfo]]) -> None:
+    """A layer named exactly in a per-side list must run; a pattern may match modules that do not."""
+    if not isinstance(layers, dict):
+        return  # "auto" skips what does not run; explicit pairs are checked by their own branch
+    for side, spec in layers.items():
+        names = {info.name for info in fired[side]}
+        exact = [] if spec == "auto" else [n for n in spec if not any(c in n for c in "*?[")]
+        missing = [n for n in exact if n not in names]
+        if missing:
+            raise PlanError(
+                f"{side} layer {missing[0]!r} did not run during the forward pass, so it cannot be aligned; "
+                f"remove it from layers[{side!r}] (plan(example) lists the layers that run)"
+            )
 
 
 def _usable(
