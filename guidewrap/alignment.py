@@ -105,11 +105,12 @@ def reduce_guide(
 
 @dataclass
 class Term:
-    """The result of one step: the weighted term, each pair's distance, and which pairs counted."""
+    """The result of one step: the weighted term, and ``readout``: each pair's distance (row 0) and
+    whether it counted (row 1), detached and left on the device, so nothing waits for it until
+    someone reads it (see ``GuidanceEngine.last_alignment``)."""
 
     loss: Tensor
-    distances: list[float]
-    measured: list[float]
+    readout: Tensor
     missing: set[str]
 
 
@@ -192,8 +193,7 @@ def _sum_term(pairs: list[Any], results: list[tuple[Tensor, Tensor] | None], wei
     stacked = torch.stack([d.to(device) for d in distances])
     ok_all = torch.stack([o.to(device) for o in oks]) & torch.isfinite(stacked.detach())
     loss = weight * torch.where(ok_all, stacked, torch.zeros_like(stacked)).sum()
-    values, flags = torch.stack([stacked.detach(), ok_all.to(stacked.dtype)]).cpu().tolist()  # one host sync
-    return Term(loss, values, flags, missing)
+    return Term(loss, torch.stack([stacked.detach(), ok_all.to(stacked.dtype)]), missing)
 
 
 def _check_distance(metric: Metric, distance: Any, expected: tuple[int, ...], key: str) -> None:

@@ -27,9 +27,9 @@ Examples:
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -87,7 +87,8 @@ class GuidanceEngine:
         self._step: GuidedStep | None = None
         self.busy = False  # set while the engine itself runs the target (probe, noise pass)
         self._loss: Tensor | None = None
-        self.last_alignment: dict[str, float] = {}
+        self._last_alignment: dict[str, float] = {}
+        self._unread: _Unread | None = None  # values of guided steps not yet read on the host
         self.counters = {"guided_forwards": 0, "guide_forwards": 0, "skipped_pairs": 0}
         self._double_count_checks = 3
         self.closed = False
@@ -169,8 +170,15 @@ class GuidanceEngine:
         """Hooks this engine holds on the target's layers and on optimizers."""
         return len(self._taps) + len(self._optimizer_hooks)
 
+    @property
+    def last_alignment(self) -> dict[str, float]:
+        """Per-pair alignment (1 - distance) of the last guided forward, by pair key."""
+        self._read()
+        return self._last_alignment
+
     def guidance_metrics(self) -> dict[str, float]:
         """Values to log: loss, weight, skipped pairs and per-pair alignment of the last forward."""
+        self._read()
         out = {
             "guidance_loss": float(self.alignment_loss.detach()),
             "guidance_weight": self.weight,
@@ -256,24 +264,48 @@ class GuidanceEngine:
         term = alignment_term(
             self._plan, self.metric, step.captured, step.prepared, step.routed.mask, weight, self._shape
         )
-        self.last_alignment = {}
-        for pair, value, flag in zip(self._plan, term.distances, term.measured, strict=True):
-            if flag:
-                self.last_alignment[pair.key] = 1.0 - value
-                continue
-            if not math.isfinite(value):  # the built-in metrics never return one: a custom metric did
-                raise MetricError(
-                    f"metric {self.metric.name!r} returned {value} for pair {pair.key}; a metric must return a "
-                    "finite distance (guard its divisions, or return a fallback for degenerate input)"
-                )
-            self.counters["skipped_pairs"] += 1
-            why = "its target layer did not run" if pair.key in term.missing else "degenerate or non-finite features"
-            warnings.warn(
-                f"guidance pair {pair.key} skipped this step ({why}); it adds nothing to the loss",
-                SkippedPairWarning,
-                stacklevel=4,
-            )
+        readout = term.readout
+        skipped = 1.0 - readout[1]
+        nonfinite = ~torch.isfinite(readout[0]) & (readout[1] == 0)
+        if self._unread is None:
+            self._unread = _Unread(self._plan, readout, skipped, nonfinite, set(term.missing))
+        else:  # accumulate on the device since the last read: no host synchronisation
+            unread = self._unread
+            unread.readout, unread.skipped = readout, unread.skipped + skipped
+            unread.nonfinite, unread.missing = unread.nonfinite | nonfinite, unread.missing | term.missing
+        if _reads_at_once(readout.device):
+            self._read()
         return term.loss
+
+    def _read(self) -> None:
+        """Turn the device values accumulated since the last read into ``last_alignment``, the
+        skipped-pair counter and warnings (and raise on a non-finite custom metric result).
+
+        On an accelerator this is the only host synchronisation guidance adds, so it waits until
+        someone reads (``guidance_metrics()`` when logging, ``last_alignment``): no per-step stall.
+        """
+        if self._unread is None:
+            return
+        unread, self._unread = self._unread, None
+        distances, measured = unread.readout.cpu().tolist()
+        skips, bad = unread.skipped.cpu().tolist(), unread.nonfinite.cpu().tolist()
+        self._last_alignment = {p.key: 1.0 - v for p, v, f in zip(unread.plan, distances, measured, strict=True) if f}
+        for pair, count, nonfinite in zip(unread.plan, skips, bad, strict=True):
+            if nonfinite:  # the built-in metrics never return one: a custom metric did
+                raise MetricError(
+                    f"metric {self.metric.name!r} returned a non-finite distance for pair {pair.key}; a metric "
+                    "must return a finite distance (guard its divisions, or return a fallback for degenerate input)"
+                )
+            if not count:
+                continue
+            self.counters["skipped_pairs"] += int(count)
+            why = "its target layer did not run" if pair.key in unread.missing else "degenerate or non-finite features"
+            steps = "this step" if count == 1 else f"on {int(count)} steps"
+            warnings.warn(
+                f"guidance pair {pair.key} skipped {steps} ({why}); it adds nothing to the loss",
+                SkippedPairWarning,
+                stacklevel=5,
+            )
 
     def _install_taps(self, plan: LayerPlan) -> None:
         if len(self._taps):
@@ -390,6 +422,24 @@ class GuidanceEngine:
         self._optimizer_hooks.remove()
         self.abort()
         self.closed = True
+
+
+def _reads_at_once(device: torch.device) -> bool:
+    """A host read of CPU values costs nothing: report skipped pairs at the step itself there."""
+    return device.type == "cpu"
+
+
+@dataclass
+class _Unread:
+    """Per-pair values since the last host read: the latest step's ``readout`` (distances, flags),
+    how many steps skipped each pair, whether any returned a non-finite distance, and which pairs'
+    target layers did not run."""
+
+    plan: LayerPlan
+    readout: Tensor
+    skipped: Tensor
+    nonfinite: Tensor
+    missing: set[str]
 
 
 def _add_to_loss(output: Any, term: Tensor) -> Tensor | None:

@@ -94,6 +94,47 @@ def test_feature_and_gram_forms_agree() -> None:
     assert _linear_cka_sides(a, b, ok)[0].item() == pytest.approx(_linear_cka_sides(c, d, ok)[0].item(), abs=1e-12)
 
 
+def _offset_case(n: int, d: int, offset: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g) * torch.rand(1, d, generator=g)
+    y = x[:, : min(d, 24)] * 0.3 + torch.randn(n, min(d, 24), generator=g)
+    return x + offset * (1 + torch.rand(1, d, generator=g)), y + offset  # float32, as a network gives them
+
+
+def _centred64(t: torch.Tensor) -> torch.Tensor:
+    t = t.double()
+    return t - t.mean(0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.sampled_from([(64, 16), (64, 1024), (256, 4096), (8, 100)]),
+    st.sampled_from([0.0, 1e2, 1e4, 1e6]),
+    st.integers(0, 2**31 - 1),
+)
+def test_large_common_offsets_match_float64(shape: tuple[int, int], offset: float, seed: int) -> None:
+    """Hidden states with a huge shared offset (massive activations): centring comes before any
+    product, so float32 stays within 1e-4 of float64 computed from the same float32 input, in both
+    forms and in the engine's stacked path, for the value and the gradient."""
+    x, y = _offset_case(*shape, offset, seed)
+    expected = linear_cka_textbook(_centred64(x), _centred64(y))
+    assert M.linear_cka(x, y).item() == pytest.approx(expected.item(), abs=1e-4)
+    assert M.debiased_cka(x, y).item() == pytest.approx(
+        debiased_cka_textbook(_centred64(x), _centred64(y)).item(), abs=1e-4
+    )
+    stacked = M.CenteredSide.of_many([x, x.flip(0)])  # the engine's path for same-shaped target layers
+    ok = torch.ones(2, dtype=torch.bool)
+    assert _linear_cka_sides(stacked, M.CenteredSide.of(y), ok)[0][0].item() == pytest.approx(expected.item(), abs=1e-4)
+
+    x64 = _centred64(x).requires_grad_(True)
+    linear_cka_textbook(x64, _centred64(y)).backward()
+    x32 = x.clone().requires_grad_(True)
+    side = M.CenteredSide.of_many([x32])
+    _linear_cka_sides(side, M.CenteredSide.of(y), ok[:1])[0].sum().backward()
+    scale = x64.grad.abs().max().item()
+    assert (x32.grad.double() - x64.grad).abs().max().item() <= 1e-3 * scale
+
+
 @pytest.mark.parametrize("name", sorted(ALL))
 @pytest.mark.parametrize("shape", [(8, 3, 5), (7, 12, 4)])
 def test_gradcheck(name: str, shape: tuple[int, int, int]) -> None:
@@ -188,3 +229,30 @@ def test_registry() -> None:
     assert custom.distance(x, x).item() == pytest.approx(0.0)
     with pytest.raises(MetricError, match="0-dim"):
         M.get_metric(lambda a, b: a.sum(0)).distance(x, x)
+
+
+def test_rbf_on_mostly_repeated_rows_warns_and_treats_duplicates_exactly() -> None:
+    """More than half the pairs identical: the median bandwidth is 0, so the fallback is used and
+    said; identical rows count as distance 0 (not rounding noise), so a rotation still gives 1."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, generator=g)[torch.randint(0, 2, (512,), generator=g)]
+    q = torch.linalg.qr(torch.randn(5, 5, generator=g))[0]
+    with pytest.warns(DegenerateFeaturesWarning, match="identical rows"):
+        value = M.rbf_cka(x, x @ q + 3.0)
+    with pytest.warns(DegenerateFeaturesWarning):
+        exact = M.rbf_cka(x.double(), (x @ q + 3.0).double())
+    assert exact.item() == pytest.approx(1.0, abs=1e-9)  # was 0.9976: noise taken as distances
+    assert value.item() == pytest.approx(1.0, abs=5e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a few repeats are fine and silent
+        M.rbf_cka(torch.randn(64, 5, generator=g).repeat(2, 1), torch.randn(128, 3, generator=g))
+
+
+def test_rsa_in_float32_matches_float64_on_nearly_collinear_samples() -> None:
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 50, generator=g)
+    x = base + 1e-3 * torch.randn(40, 50, generator=g)
+    y = base + 1e-3 * (x - base) @ torch.randn(50, 50, generator=g) / 7 + 1e-3 * torch.randn(40, 50, generator=g)
+    exact = M.rsa(x.double(), y.double()).item()
+    assert M.rsa(x, y).item() == pytest.approx(exact, abs=1e-4)
+    assert M.rsa(x, y).dtype == torch.float32

@@ -420,8 +420,57 @@ def test_a_non_finite_custom_metric_raises_naming_the_pair() -> None:
     from guidewrap.errors import MetricError
 
     guided = GuidedModel(_TwoLayer(), _small_guide(), metric=lambda x, y: torch.tensor(float("nan")))
-    with pytest.raises(MetricError, match="returned nan for pair"):
+    with pytest.raises(MetricError, match="returned a non-finite distance for pair"):
         guided(torch.randn(8, 4))
+
+
+class _DeadSecond(nn.Module):
+    """Two same-shaped layers (one batched group); the second's output is constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)) * 0 + 0.5)
+
+
+def test_a_dead_layer_in_a_batched_group_is_skipped_with_a_warning_and_no_gradient() -> None:
+    """Same-shaped pairs run as one batched problem; a constant target layer among them used to
+    be reported as CKA 0 with a rounding-noise gradient and no warning."""
+    target = _DeadSecond()
+    guide = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16))
+    guided = GuidedModel(target, guide, layers=[("a", "0"), ("b", "2")], exclude_output_layer=False)
+    with pytest.warns(SkippedPairWarning, match=r"b<-2 skipped this step \(degenerate"):
+        guided(torch.randn(32, 8))
+    assert set(guided.last_alignment) == {"a<-0"}
+    guided.alignment_loss.backward()
+    assert target.b.weight.grad is None or not target.b.weight.grad.any()
+
+
+def test_value_checks_wait_for_a_read_off_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off the CPU a step's values stay on the device (no host synchronisation per step); skipped
+    steps and non-finite results accumulate there and are reported when someone reads."""
+    from guidewrap import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_reads_at_once", lambda device: False)
+    target = _DeadSecond()
+    guide = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16))
+    guided = GuidedModel(target, guide, layers=[("a", "0"), ("b", "2")], exclude_output_layer=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is reported while the steps run
+        for _ in range(3):
+            guided(torch.randn(32, 8))
+    with pytest.warns(SkippedPairWarning, match=r"b<-2 skipped on 3 steps"):
+        logged = guided.guidance_metrics()
+    assert logged["guidance_skipped_pairs"] == 3 and "guidance_align/a<-0" in logged
+
+    from guidewrap.errors import MetricError
+
+    nan_metric = GuidedModel(_TwoLayer(), _small_guide(), metric=lambda x, y: torch.tensor(float("nan")))
+    nan_metric(torch.randn(8, 4))  # no read, no error yet
+    with pytest.raises(MetricError, match="non-finite distance"):
+        nan_metric.guidance_metrics()
 
 
 def test_a_float64_guide_gets_float64_inputs() -> None:

@@ -12,10 +12,12 @@ Examples:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
-from ..errors import MetricError
+from ..errors import DegenerateFeaturesWarning, MetricError
 from ._numerics import (
     _TINY,
     _center,
@@ -27,6 +29,7 @@ from ._numerics import (
     _safe_div,
     _sanitize,
     _upcast,
+    _varies,
 )
 
 __all__ = ["debiased_cka", "rbf_cka", "rsa", "procrustes_distance"]
@@ -50,7 +53,7 @@ def _debiased_grams(x: Tensor, weights: Tensor | None = None) -> tuple[Tensor, T
         raise MetricError("debiased_cka does not support sample weights; use 'cka' for masked sequences")
     x, finite = _sanitize(_upcast(x))
     xc, nonzero = _rescale(_center(x))
-    return xc @ xc.mT, finite & nonzero
+    return xc @ xc.mT, finite & nonzero & _varies(x)
 
 
 def _debiased_core_grams(kx: Tensor, ok_x: Tensor, ky: Tensor, ok_y: Tensor) -> tuple[Tensor, Tensor]:
@@ -91,10 +94,15 @@ def debiased_cka(x: Tensor, y: Tensor) -> Tensor:
 def _rbf_gram(x: Tensor, sigma: float) -> tuple[Tensor, Tensor]:
     x, finite = _sanitize(_upcast(x))
     xc, nonzero = _rescale(_center(x))
+    nonzero = nonzero & _varies(x)
     sq_norms = xc.square().sum(-1)
     n = xc.shape[-2]
     off_diag = ~torch.eye(n, dtype=torch.bool, device=x.device)
     sq = (sq_norms[..., :, None] + sq_norms[..., None, :] - 2.0 * (xc @ xc.mT)).clamp_min(0.0) * off_diag
+    # Identical rows leave rounding noise, not 0, in the expanded form: call it 0, so a median of
+    # noise cannot become the bandwidth.
+    noise = 1e-5 * sq_norms.detach().amax(-1)[..., None, None]
+    sq = torch.where(sq.detach() > noise, sq, torch.zeros_like(sq))
     flat = sq.flatten(-2)  # not detached: the bandwidth is part of the function being differentiated
     median = flat.median(-1).values
     # More than half the pairs identical: fall back to the mean of the non-zero distances.
@@ -135,7 +143,26 @@ def rbf_cka(x: Tensor, y: Tensor, sigma: float = 1.0) -> Tensor:
     """
     if not sigma > 0:
         raise MetricError(f"rbf_cka: sigma must be > 0, got {sigma}")
-    return _measure("rbf_cka", _rbf_core, 2, x, y, sigma)
+    value = _measure("rbf_cka", _rbf_core, 2, x, y, sigma)
+    for side, z in (("x", x), ("y", y)):
+        if z.dim() == 2 and _mostly_repeated(z):
+            warnings.warn(
+                f"rbf_cka: half or more of the sample pairs of {side} are identical rows, so the median "
+                "heuristic's bandwidth is 0; the mean non-zero distance is used instead (the value depends on "
+                "that choice: prefer linear CKA, or deduplicate the samples)",
+                DegenerateFeaturesWarning,
+                stacklevel=2,
+            )
+    return value
+
+
+def _mostly_repeated(z: Tensor) -> bool:
+    n = z.shape[0]
+    _, counts = torch.unique(z.detach(), dim=0, return_counts=True)
+    if counts.numel() < 2:  # constant: already reported as degenerate
+        return False
+    # The bandwidth is the (lower) median of all n^2 squared distances, the diagonal included.
+    return bool(counts.square().sum() > (n * n - 1) // 2)
 
 
 def _rsa_core(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -148,11 +175,14 @@ def _rsa_core(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         den_sq = sx.square().sum(-1) * sy.square().sum(-1)
         ok = ok_x & ok_y & _n_ok(x, 3, None) & (den_sq > _TINY)
         # sqrt only of safe values: a zero under the root would send inf * 0 = NaN backwards
-        return _safe_div(num, torch.sqrt(torch.where(ok, den_sq, torch.ones_like(den_sq))), ok)
+        value, ok = _safe_div(num, torch.sqrt(torch.where(ok, den_sq, torch.ones_like(den_sq))), ok)
+        return value.to(_upcast(x).dtype), ok
 
 
 def _cosine_rdm(x: Tensor) -> tuple[Tensor, Tensor]:
-    x, finite = _sanitize(_upcast(x))
+    # float64: nearly collinear samples have cosines that differ only past float32's 7 digits, and
+    # RSA correlates exactly those differences (0.90 in float32 for 0.42 in float64 otherwise).
+    x, finite = _sanitize(x.double())
     x, _ = _rescale(x)
     norms = x.norm(dim=-1, keepdim=True)
     unit = x / torch.where(norms > _TINY, norms, torch.ones_like(norms))
@@ -192,6 +222,7 @@ def _procrustes_core(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 def _unit_centered(x: Tensor) -> tuple[Tensor, Tensor]:
     x, finite = _sanitize(_upcast(x))
     xc, nonzero = _rescale(_center(x))
+    nonzero = nonzero & _varies(x)
     norm = torch.linalg.matrix_norm(xc)
     return xc / torch.where(nonzero, norm, torch.ones_like(norm))[..., None, None], finite & nonzero
 

@@ -1,7 +1,7 @@
 """Linear CKA, the guidance paper's measure, and its fast kernels.
 
-Each side is centred in O(n d) and kept as centred features when ``d <= n`` or as a centred Gram
-otherwise (no n x n centring matrix); same-shaped layers are reduced in one stacked call, and the
+Each side is centred in O(n d) before any product and kept as centred features when ``d <= n``
+or as a centred Gram otherwise (no n x n centring matrix); same-shaped layers are reduced in one stacked call, and the
 Gram's backward is one symmetric product (:class:`_ScaledGrams`).
 
 Examples:
@@ -35,12 +35,16 @@ __all__ = ["CenteredSide", "linear_cka"]
 
 
 class _ScaledGrams(torch.autograd.Function):
-    """Stacked Grams ``xs_i @ xs_i^T`` with ``xs_i = nan_to_num(x_i * inv_scale[i])``.
+    """Stacked centred Grams ``xc_i @ xc_i^T``, ``xc_i = nan_to_num((x_i - mean_i) * inv_scale[i])``.
 
-    Autograd's own backward of ``x @ x.mT`` runs two n x n x d products plus a strided
-    accumulation; a symmetric Gram needs one, ``(G + G^T) @ x``, which roughly halves the cost
-    of wide layers. Several same-shaped layers go in one call so the n x n work after it runs
-    batched. Saves the inputs (alive anyway in the caller's graph), not rescaled copies.
+    Features are centred before the product: a Gram of uncentred features centred afterwards
+    loses every digit to cancellation when a common offset dwarfs the spread (CKA 0.02 for 0.97
+    at an offset of 1e4 in float32). Autograd's own backward of ``x @ x.mT`` runs two n x n x d
+    products plus a strided accumulation; a symmetric Gram needs one, ``(G + G^T) @ xc``, which
+    roughly halves the cost of wide layers. Several same-shaped layers go in one call so the
+    n x n work after it runs batched. Callers double-centre the result (which also removes what
+    rounding left of the offset). Saves the inputs (alive anyway in the caller's graph) and
+    recomputes the centred copy in the backward instead of keeping it.
     """
 
     @staticmethod
@@ -49,10 +53,11 @@ class _ScaledGrams(torch.autograd.Function):
         out = xs[0].new_empty((len(xs), *xs[0].shape[:-1], n))
         for i, x in enumerate(xs):
             inv = inv_scale[i][..., None, None]
-            if in_range:  # moderate finite values: scale the n x n result, skip two passes over x
-                torch.matmul(x, x.mT, out=out[i]).mul_(inv.square())
+            xc = x - x.mean(-2, keepdim=True)  # one pass: the caller's double centring removes the rest
+            if in_range:  # moderate finite values: scale the n x n result, skip a pass over x
+                torch.matmul(xc, xc.mT, out=out[i]).mul_(inv.square())
                 continue
-            scaled = torch.nan_to_num_(x * inv, nan=0.0, posinf=0.0, neginf=0.0)
+            scaled = torch.nan_to_num_(xc.mul_(inv), nan=0.0, posinf=0.0, neginf=0.0)
             torch.matmul(scaled, scaled.mT, out=out[i])
         ctx.in_range = in_range
         ctx.save_for_backward(inv_scale, *xs)
@@ -68,14 +73,17 @@ class _ScaledGrams(torch.autograd.Function):
                 grads.append(None)
                 continue
             inv = inv_scale[i][..., None, None]
+            xc = x - x.mean(-2, keepdim=True)
             if ctx.in_range:
-                grads.append((symmetric[i] * inv.square()) @ x)
-                continue
-            # The scale is applied in two halves so 1e30 activations neither overflow nor
-            # underflow. Non-finite x only occurs in problems whose similarity is the
-            # zero-gradient fallback, so its NaN products become 0.
-            grad_x = (symmetric[i] * inv) @ x
-            grads.append(torch.nan_to_num_(grad_x.mul_(inv), nan=0.0, posinf=0.0, neginf=0.0))
+                grad_x = (symmetric[i] * inv.square()) @ xc
+            else:
+                # The scale is applied in two halves so 1e30 activations neither overflow nor
+                # underflow. Non-finite x only occurs in problems whose similarity is the
+                # zero-gradient fallback, so its NaN products become 0.
+                grad_x = torch.nan_to_num_(((symmetric[i] * inv) @ xc).mul_(inv), nan=0.0, posinf=0.0, neginf=0.0)
+            # The centring's own backward (subtracting grad_x's column means) is skipped: the
+            # incoming gradient is double-centred (the caller's H K H), so those means are zero.
+            grads.append(grad_x)
         return (None, None, *grads)
 
 
@@ -108,13 +116,14 @@ class CenteredSide:
         wide = form == "gram" or (form is None and d > n)
         if wide and weights is None:
             return cls._stack_of_grams([x], squeeze=True)
-        inv_scale, finite = _inverse_scale(_peak(x))
+        peak, varies = _peak(x)
+        inv_scale, finite = _inverse_scale(peak)
         x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
         xc = _center(x, weights).mul_(inv_scale[..., None, None])
         if wide:
             gram = xc @ xc.mT
-            return cls("gram", gram, torch.linalg.matrix_norm(gram), finite)
-        return cls("features", xc, torch.linalg.matrix_norm(xc.mT @ xc), finite)
+            return cls("gram", gram, torch.linalg.matrix_norm(gram), finite & varies)
+        return cls("features", xc, torch.linalg.matrix_norm(xc.mT @ xc), finite & varies)
 
     @classmethod
     def of_many(cls, xs: list[Tensor], form: str | None = None) -> CenteredSide:
@@ -134,13 +143,14 @@ class CenteredSide:
 
     @classmethod
     def _stack_of_grams(cls, xs: list[Tensor], squeeze: bool) -> CenteredSide:
-        # Wide features: one Gram each, then double centring in O(n^2) (no pass over n x d).
-        peak = torch.stack([_peak(x) for x in xs])
+        # Wide features: one Gram of centred features each, then double centring in O(n^2),
+        # which removes what rounding left of the offset.
+        peak, varies = (torch.stack(t) for t in zip(*(_peak(x) for x in xs), strict=True))
         inv_scale, finite = _inverse_scale(peak)
         # On CPU a host read is free; elsewhere it would stall the stream, so always rescale.
         in_range = xs[0].device.type == "cpu" and bool(((peak > 1e-6) & (peak < 1e6)).all())
         gram = _double_centre(_ScaledGrams.apply(inv_scale, in_range, *xs))
-        side = cls("gram", gram, torch.linalg.matrix_norm(gram), finite)
+        side = cls("gram", gram, torch.linalg.matrix_norm(gram), finite & varies)
         return side[0] if squeeze else side
 
     def __getitem__(self, index: int) -> CenteredSide:
