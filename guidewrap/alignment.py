@@ -122,6 +122,7 @@ def alignment_term(
     mask: Tensor | None,
     weight: float,
     shape: Shaper,
+    n: int,
 ) -> Term:
     """Weighted sum over pairs of ``metric`` distances between captured target and prepared guide layers."""
     pairs = list(plan)
@@ -137,6 +138,12 @@ def alignment_term(
             missing.add(pair.key)
             results[i] = (torch.ones(()), torch.zeros((), dtype=torch.bool))
             continue
+        if tensor.dim() <= pair.target.batch_dim or tensor.shape[pair.target.batch_dim] != n:
+            raise BatchSizeMismatchError(
+                f"target layer {pair.target.name!r} produced output {tuple(tensor.shape)}, which has no batch axis "
+                f"{pair.target.batch_dim} of size {n} as planned; a layer whose layout changes from step to step "
+                "cannot be aligned (choose another with layers=...)"
+            )
         key = (pair.target.name, pair.mode)
         if key not in shaped:
             layer_mask = mask if lengths is None else lengths_to_mask(lengths, tensor.shape[1], tensor.device)

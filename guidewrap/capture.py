@@ -55,15 +55,18 @@ def extract(output: Any) -> tuple[Tensor | None, Tensor | None]:
     return None, None
 
 
-def find_batch_dim(t: Tensor, n: int, batch_first: bool | None) -> int | None:
+def find_batch_dim(t: Tensor, n: int, batch_first: bool | None, prefer: int = 0) -> int | None:
     """Index of the batch dimension of ``t`` for a batch of ``n`` samples, or None.
 
-    ``batch_first=False`` (an ``nn.RNN`` / transformer layer built sequence-first) prefers
-    dimension 1 when it has size ``n``.
+    When several dimensions have size ``n``, the module's declared layout decides
+    (``batch_first=False``, as in ``nn.LSTM`` / transformer layers built sequence-first, means
+    dimension 1; ``True`` means 0), then ``prefer`` (the input's batch axis), then the first.
 
     Examples:
         >>> import torch
         >>> find_batch_dim(torch.zeros(7, 4, 3), 4, batch_first=False)
+        1
+        >>> find_batch_dim(torch.zeros(4, 4, 3), 4, batch_first=None, prefer=1)
         1
         >>> find_batch_dim(torch.zeros(3, 3), 5, batch_first=None) is None
         True
@@ -71,8 +74,9 @@ def find_batch_dim(t: Tensor, n: int, batch_first: bool | None) -> int | None:
     candidates = [i for i, size in enumerate(t.shape) if size == n]
     if not candidates:
         return None
-    if batch_first is False and 1 in candidates:
-        return 1
+    for wanted in ((None if batch_first is None else 0 if batch_first else 1), prefer):
+        if wanted in candidates:
+            return wanted
     return candidates[0]
 
 

@@ -54,7 +54,13 @@ class GuidanceConfig:
         layer_types: module types (or class names) that ``"auto"`` discovery hooks.
         exclude_output_layer: leave out the last discovered layer (the logits) in ``"auto"``.
         add_to_output_loss: add the term to ``output.loss`` / ``output["loss"]`` when present.
-        input_batch_dim: which dimension of the first input tensor is the batch.
+        input_batch_dim: which dimension of the target's first input tensor is the batch.
+            ``None`` (default): decided from evidence, 0 unless the network's layers that declare
+            a layout (``batch_first=False`` in ``nn.LSTM``/``nn.GRU``/transformer layers) show the
+            batch on another axis of the input. The plan shows the axis taken for every layer.
+        guide_input_batch_dim: the same for the guide's input (after ``guide_inputs``). ``None``
+            (default): the target's axis if it holds the batch's samples there, else the one
+            axis of that size, else the guide's declared layouts decide.
         mask_key: keyword argument holding the ``(n, T)`` padding mask.
         strict_guide: raise instead of freezing a guide whose parameters require gradients.
         max_features: approximation for very wide layers: a layer with more flattened features
@@ -79,7 +85,8 @@ class GuidanceConfig:
     layer_types: Sequence[type[nn.Module] | str] | None = None
     exclude_output_layer: bool = True
     add_to_output_loss: bool = True
-    input_batch_dim: int = 0
+    input_batch_dim: int | None = None
+    guide_input_batch_dim: int | None = None
     mask_key: str = "attention_mask"
     strict_guide: bool = False
     max_features: int | None = None
@@ -107,8 +114,10 @@ class GuidanceConfig:
                 )
         if self.max_features is not None and (not isinstance(self.max_features, int) or self.max_features < 1):
             raise ConfigError(f"max_features must be None or an integer >= 1, got {self.max_features!r}")
-        if not isinstance(self.input_batch_dim, int) or self.input_batch_dim < 0:
-            raise ConfigError(f"input_batch_dim must be an integer >= 0, got {self.input_batch_dim!r}")
+        for key in ("input_batch_dim", "guide_input_batch_dim"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ConfigError(f"{key} must be None (decided from evidence) or an integer >= 0, got {value!r}")
 
     def schedule(self) -> GuidanceSchedule:
         """The :class:`~guidewrap.schedules.GuidanceSchedule` these settings describe."""

@@ -38,10 +38,17 @@ from torch import Tensor, nn
 from . import distributed
 from .alignment import FeatureSubsets, alignment_term, reduce_guide
 from .config import GuidanceConfig
-from .errors import ConfigError, GuideRequiresGradError, MetricError, PlanError, SkippedPairWarning
+from .errors import (
+    ConfigError,
+    GuideRequiresGradError,
+    GuidewrapWarning,
+    MetricError,
+    PlanError,
+    SkippedPairWarning,
+)
 from .hooks import HookSet, watch_double_count
-from .inputs import Routed, call_guide, float_dtype, noise_call, route
-from .layers import DEFAULT_LAYER_TYPES, LayerPlan, build_plan, check_names, probe
+from .inputs import Routed, call_guide, first_tensor, float_dtype, noise_call, route
+from .layers import DEFAULT_LAYER_TYPES, LayerPlan, build_plan, check_names, layout_conflicts, probe
 from .step import GuidedStep
 from .utils import unwrap_model
 
@@ -71,6 +78,7 @@ class GuidanceEngine:
         self.guide = unwrap_model(guide)
         if self.target is self.guide:
             raise ConfigError("the guide must be a separate network from the target (pass a copy to self-guide)")
+        _refuse_shared_modules(self.target, self.guide)
         self.config = config
         self.metric = config.metric
         self.schedule = config.schedule()
@@ -78,6 +86,9 @@ class GuidanceEngine:
         self._freeze_guide()
         self._names = check_names(config.layers, self.target, self.guide)
         self._subsets = FeatureSubsets(config.max_features)
+        # The batch axis of the target's and the guide's first input (None: found per step from the
+        # batch size); evidence from declared layouts may change them at planning (_resolve_plan).
+        self._input_axes: list[int | None] = [config.input_batch_dim or 0, config.guide_input_batch_dim]
         self._target_float: torch.dtype | None = None  # the target's precision, read at each step
         self.step_count = 0
         self.on_step: Callable[[int], None] | None = None
@@ -91,9 +102,19 @@ class GuidanceEngine:
         self._unread: _Unread | None = None  # values of guided steps not yet read on the host
         self.counters = {"guided_forwards": 0, "guide_forwards": 0, "skipped_pairs": 0}
         self._double_count_checks = 3
+        self._warned_tiny_batch = False
         self.closed = False
         if optimizer is not None:
             self.attach_optimizer(optimizer)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A snapshot (deepcopy of a GuidedModel, pickling) keeps the settings, the plan and the
+        # counters, never a step in flight (non-leaf tensors) or hooks: the copy installs its own
+        # taps at its first guided step, and is not attached to the original's optimizer.
+        state = dict(self.__dict__)
+        state.update(_step=None, _loss=None, _unread=None, _taps=HookSet(), _optimizer_hooks=HookSet())
+        state.update(on_step=None, busy=False)
+        return state
 
     def _freeze_guide(self) -> None:
         trainable = [name for name, p in self.guide.named_parameters() if p.requires_grad]
@@ -241,11 +262,19 @@ class GuidanceEngine:
         self._loss = None
 
     def _open_step(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> GuidedStep:
-        routed = route(
-            self.guide, self.config.guide_inputs, args, kwargs, self.config.input_batch_dim, self.config.mask_key
-        )
+        routed = self._route(args, kwargs)
         self._target_float = float_dtype(self.target)
-        plan = self._plan if self._plan is not None else self._resolve_plan(args, kwargs, routed)
+        if not self._warned_tiny_batch and routed.n * distributed.world_size(self.config.distributed) == 2:
+            self._warned_tiny_batch = True
+            warnings.warn(
+                "guided step on a batch of 2 samples: centred features of 2 samples have rank 1, so CKA is 1 "
+                "for any layers and the alignment term is 0 (nothing is guided); use batches of 8 or more",
+                GuidewrapWarning,
+                stacklevel=4,
+            )
+        if self._plan is None:
+            routed = self._resolve_plan(args, kwargs, routed)
+        plan = self._plan
         self._install_taps(plan)
         step = GuidedStep(routed)
         step.prepared = reduce_guide(self.guide, plan, self.metric, routed, self._shape)
@@ -262,7 +291,7 @@ class GuidanceEngine:
         if self._plan is None or step.routed is None:
             raise PlanError("a guided step ended before its plan was resolved")
         term = alignment_term(
-            self._plan, self.metric, step.captured, step.prepared, step.routed.mask, weight, self._shape
+            self._plan, self.metric, step.captured, step.prepared, step.routed.mask, weight, self._shape, step.routed.n
         )
         readout = term.readout
         skipped = 1.0 - readout[1]
@@ -324,10 +353,7 @@ class GuidanceEngine:
         """The layer plan; resolved from an example input if one is given."""
         if args or kwargs:
             args, kwargs = tuple(args or ()), dict(kwargs or {})
-            routed = route(
-                self.guide, self.config.guide_inputs, args, kwargs, self.config.input_batch_dim, self.config.mask_key
-            )
-            self._resolve_plan(args, kwargs, routed)
+            self._resolve_plan(args, kwargs, self._route(args, kwargs))
         if self._plan is None:
             raise PlanError(
                 "the layer plan is resolved from a forward pass: call plan(example_input) (the same arguments "
@@ -335,23 +361,75 @@ class GuidanceEngine:
             )
         return self._plan
 
-    def _resolve_plan(self, args: tuple[Any, ...], kwargs: dict[str, Any], routed: Routed) -> LayerPlan:
-        n = routed.n
+    def _route(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Routed:
+        t_axis, g_axis = self._input_axes
+        return route(self.guide, self.config.guide_inputs, args, kwargs, t_axis or 0, self.config.mask_key, g_axis)
+
+    def _resolve_plan(self, args: tuple[Any, ...], kwargs: dict[str, Any], routed: Routed) -> Routed:
+        """Probe both networks, settle the inputs' batch axes from the evidence, build the plan;
+        returns the step's inputs routed with the axes finally taken."""
+        notes: list[str] = []
         self.busy = True
         try:
-            with torch.no_grad():
-                run_target = lambda: self.target(*args, **kwargs)  # noqa: E731
-                t_layers = probe(self.target, run_target, n, self._names["target"], self.layer_types)
-            with torch.inference_mode():
-                run_guide = lambda: call_guide(self.guide, routed.guide_args, routed.guide_kwargs)  # noqa: E731
-                g_layers = probe(self.guide, run_guide, n, self._names["guide"], self.layer_types)
+            for side in ("target", "guide"):
+                for _attempt in range(2):
+                    layers = self._probe(side, args, kwargs, routed)
+                    conflicts = layout_conflicts(layers, routed.n)
+                    if not conflicts:
+                        break
+                    axis = self._axis_from_evidence(side, conflicts, args, kwargs, routed)
+                    self._input_axes[0 if side == "target" else 1] = axis
+                    routed = self._route(args, kwargs)
+                    notes.append(
+                        f"batch axis of the {side}'s input: {axis}, from {conflicts[0].name!r} ({conflicts[0].type}) "
+                        f"declaring batch_first={conflicts[0].declared[0] == 0}"  # type: ignore[index]
+                    )
+                else:
+                    raise PlanError(f"the {side}'s layers disagree on the batch axis of its input; set it explicitly")
+                if side == "target":
+                    t_layers = layers
+                else:
+                    g_layers = layers
         finally:
             self.busy = False
         self._plan = build_plan(
             t_layers, g_layers, self.config.layers, self.config.sequence, self.config.exclude_output_layer
         )
+        self._plan.notes.extend(notes)
         self._taps.remove()
-        return self._plan
+        return routed
+
+    def _probe(self, side: str, args: tuple[Any, ...], kwargs: dict[str, Any], routed: Routed) -> list[Any]:
+        if side == "target":
+            with torch.no_grad():
+                run = lambda: self.target(*args, **kwargs)  # noqa: E731
+                return probe(self.target, run, routed.n, self._names["target"], self.layer_types, routed.axes[0])
+        with torch.inference_mode():
+            run = lambda: call_guide(self.guide, routed.guide_args, routed.guide_kwargs)  # noqa: E731
+            return probe(self.guide, run, routed.n, self._names["guide"], self.layer_types, routed.axes[1])
+
+    def _axis_from_evidence(
+        self, side: str, conflicts: list[Any], args: tuple[Any, ...], kwargs: Mapping[str, Any], routed: Routed
+    ) -> int:
+        """The input axis that the layers declaring a layout agree on, or a PlanError saying why not."""
+        key = "input_batch_dim" if side == "target" else "guide_input_batch_dim"
+        configured = getattr(self.config, key)
+        axis = routed.axes[0 if side == "target" else 1]
+        first = conflicts[0]
+        declared_axis, size = first.declared
+        why = (
+            f"{side} layer {first.name!r} ({first.type}, batch_first={declared_axis == 0}) has {size} samples on its "
+            f"batch axis {declared_axis}, but the {side}'s input was read as a batch of {routed.n} on axis {axis}"
+        )
+        if configured is not None:
+            raise PlanError(f"{why}; {key}={configured} contradicts the layer: correct {key} or its batch_first")
+        tensor = first_tensor(*((args, kwargs) if side == "target" else (routed.guide_args, routed.guide_kwargs)))
+        sizes = {c.declared[1] for c in conflicts}
+        fits = [] if tensor is None or len(sizes) != 1 else [i for i, s in enumerate(tensor.shape) if s == size]
+        fits = [i for i in fits if i != axis]
+        if len(fits) != 1:
+            raise PlanError(f"{why}; set {key} to the batch axis of the {side}'s input")
+        return fits[0]
 
     # ------------------------------------------------------------------ engine-driven forwards
 
@@ -422,6 +500,22 @@ class GuidanceEngine:
         self._optimizer_hooks.remove()
         self.abort()
         self.closed = True
+
+
+def _refuse_shared_modules(target: nn.Module, guide: nn.Module) -> None:
+    """The guide is frozen and kept in eval mode; a module or parameter it shares with the target
+    would silently freeze (and switch to eval) part of the network being trained."""
+    in_target = {id(m): name for name, m in target.named_modules()}
+    shared = [(in_target[id(m)], name) for name, m in guide.named_modules() if id(m) in in_target]
+    params = {id(p): name for name, p in target.named_parameters()}
+    shared += [(params[id(p)], name) for name, p in guide.named_parameters() if id(p) in params]
+    if shared:
+        examples = "; ".join(f"target {t!r} is guide {g!r}" for t, g in shared[:3])
+        raise ConfigError(
+            f"the guide shares modules or parameters with the target ({examples}); guidance freezes the guide and "
+            "keeps it in eval mode, which would freeze that part of the target too. Give the guide its own copy: "
+            "copy.deepcopy(guide) after building both (or build the guide with untied weights)"
+        )
 
 
 def _reads_at_once(device: torch.device) -> bool:

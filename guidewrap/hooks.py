@@ -50,7 +50,7 @@ class HookSet:
     def tap(self, modules: Mapping[str, nn.Module], sink: Callable[[str, Any], None]) -> None:
         """A forward hook on each module calling ``sink(name, output)``."""
         for name, module in modules.items():
-            self.add(module.register_forward_hook(_tap(name, sink)))
+            self.add(module.register_forward_hook(_Tap(name, sink)))
 
     def remove(self) -> None:
         """Remove every handle held."""
@@ -62,11 +62,70 @@ class HookSet:
         return len(self._handles)
 
 
-def _tap(name: str, sink: Callable[[str, Any], None]) -> Callable[..., None]:
-    def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-        sink(name, output)
+class _GuidanceHook:
+    """Base of every hook guidewrap installs on a user's module.
 
-    return hook
+    A snapshot of the module (``copy.deepcopy``, ``AveragedModel``, ``torch.save`` of the whole
+    module) copies its hook dicts; a copied guidance hook would capture into, or run the guide
+    of, the original's engine. So a copy of one is :class:`_Inert`: it does nothing and removes
+    every inert hook from its module the first time the copy runs.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Inert:
+        return _Inert()
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return _Inert, ()
+
+
+class _Inert:
+    """What a snapshot holds in place of a guidance hook (see :class:`_GuidanceHook`)."""
+
+    def __call__(self, module: nn.Module, *_: Any) -> None:
+        # Pre-hooks and forward hooks are called from materialised copies of the hook dicts, so
+        # removing entries here is safe; the pre-hook (when there is one) clears them all first.
+        for table in (module._forward_pre_hooks, module._forward_hooks):
+            for key in [k for k, hook in table.items() if isinstance(hook, _Inert)]:
+                del table[key]
+                for flags in (
+                    module._forward_pre_hooks_with_kwargs,
+                    module._forward_hooks_with_kwargs,
+                    module._forward_hooks_always_called,
+                ):
+                    flags.pop(key, None)
+
+
+class _Tap(_GuidanceHook):
+    def __init__(self, name: str, sink: Callable[[str, Any], None]) -> None:
+        self.name, self.sink = name, sink
+
+    def __call__(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
+        self.sink(self.name, output)
+
+
+class _RootPreHook(_GuidanceHook):
+    def __init__(self, engine: GuidanceEngine) -> None:
+        self.engine = engine
+
+    def __call__(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.engine.begin(args, kwargs)
+
+
+class _RootPostHook(_GuidanceHook):
+    def __init__(self, engine: GuidanceEngine, on_end: Callable[[Any], Any] | None) -> None:
+        self.engine, self.on_end = engine, on_end
+
+    def __call__(self, _module: nn.Module, _args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        engine = self.engine
+        if engine.busy:
+            return None
+        if output is None:  # the forward raised (always_call): forget this step
+            engine.abort()
+            return None
+        output = engine.end(output, kwargs)
+        if self.on_end is not None:
+            self.on_end(output)
+        return output
 
 
 def attach_root(engine: GuidanceEngine, on_end: Callable[[Any], Any] | None = None) -> HookSet:
@@ -75,25 +134,10 @@ def attach_root(engine: GuidanceEngine, on_end: Callable[[Any], Any] | None = No
     ``on_end(output)`` runs after the engine has finished a step (the Trainer callback keeps the
     term there); a forward that raises aborts the step.
     """
-
-    def pre_hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        engine.begin(args, kwargs)
-
-    def post_hook(_module: nn.Module, _args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-        if engine.busy:
-            return None
-        if output is None:  # the forward raised (always_call): forget this step
-            engine.abort()
-            return None
-        output = engine.end(output, kwargs)
-        if on_end is not None:
-            on_end(output)
-        return output
-
     hooks = HookSet()
     root = engine.target
-    hooks.add(root.register_forward_pre_hook(pre_hook, with_kwargs=True))
-    hooks.add(root.register_forward_hook(post_hook, with_kwargs=True, always_call=True))
+    hooks.add(root.register_forward_pre_hook(_RootPreHook(engine), with_kwargs=True))
+    hooks.add(root.register_forward_hook(_RootPostHook(engine, on_end), with_kwargs=True, always_call=True))
     return hooks
 
 

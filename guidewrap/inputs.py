@@ -180,6 +180,7 @@ class Routed:
     guide_kwargs: dict[str, Any]
     mask: Tensor | None
     guide_mask: Tensor | None
+    axes: tuple[int, int] = (0, 0)  # the batch axis of the target's and of the guide's first input
 
 
 def batch_size(args: tuple[Any, ...], kwargs: Mapping[str, Any], batch_dim: int) -> int:
@@ -205,8 +206,13 @@ def route(
     kwargs: Mapping[str, Any],
     batch_dim: int,
     mask_key: str,
+    guide_batch_dim: int | None = None,
 ) -> Routed:
     """Route one step's inputs to the guide (the user's adapter, if any, runs exactly once).
+
+    ``batch_dim`` is the batch axis of the target's first input tensor; ``guide_batch_dim`` the
+    guide's (``None``: the target's axis if it holds the same number of samples there, else the
+    one axis of that size).
 
     Examples:
         >>> import torch
@@ -219,11 +225,13 @@ def route(
         g_args, g_kwargs = normalize_call(adapter(*args, **kwargs))
     else:
         g_args, g_kwargs = tuple(args), dict(kwargs)
-    g_n = batch_size(g_args, g_kwargs, batch_dim)
+    g_axis = guide_batch_dim if guide_batch_dim is not None else _guide_axis(g_args, g_kwargs, batch_dim, n)
+    g_n = batch_size(g_args, g_kwargs, g_axis)
     if g_n != n:
         raise BatchSizeMismatchError(
-            f"the guide's input has {g_n} samples but the target's has {n}; CKA compares the same samples, "
-            "so a guide_inputs adapter must keep the batch size"
+            f"the guide's input has {g_n} samples on axis {g_axis} but the target's has {n}; CKA compares the "
+            "same samples, so a guide_inputs adapter must keep the batch size (set guide_input_batch_dim if the "
+            "guide's input holds the batch on another axis)"
         )
     g_args, g_kwargs = fit_call(guide.forward, tuple(g_args), g_kwargs)
     dtype = float_dtype(guide)
@@ -232,7 +240,20 @@ def route(
     mask = mask if isinstance(mask, Tensor) else None
     g_mask = g_kwargs.get(mask_key, mask)
     move_to_data(guide, g_args, g_kwargs)
-    return Routed(n, g_args, g_kwargs, mask, g_mask if isinstance(g_mask, Tensor) else None)
+    return Routed(n, g_args, g_kwargs, mask, g_mask if isinstance(g_mask, Tensor) else None, (batch_dim, g_axis))
+
+
+def _guide_axis(args: tuple[Any, ...], kwargs: Mapping[str, Any], target_axis: int, n: int) -> int:
+    """The guide input's batch axis from the known batch size: the target's axis if it has ``n``
+    there, else the single axis of size ``n`` (a sequence-first guide behind an adapter)."""
+    tensor = first_tensor(args, kwargs)
+    if tensor is None or (tensor.dim() > target_axis and tensor.shape[target_axis] == n):
+        return target_axis
+    # The last axis of a float input holds features (a (7, 8) batch is not 8 samples); token ids
+    # (T, n) have no feature axis.
+    axes = tensor.shape[:-1] if tensor.is_floating_point() else tensor.shape
+    sized = [i for i, size in enumerate(axes) if size == n]
+    return sized[0] if len(sized) == 1 else target_axis
 
 
 def noise_call(target: nn.Module, guide: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Call:

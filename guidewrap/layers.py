@@ -101,6 +101,7 @@ class LayerInfo:
     channels_first: bool = False
     skip_reason: str | None = None
     calls: int = 1
+    declared: tuple[int, int] | None = None  # (batch axis, its size) per the module's batch_first
 
     @property
     def features(self) -> int:
@@ -146,8 +147,10 @@ class LayerPlan:
         >>> t, g = LayerInfo("fc", "Linear", (4, 8)), LayerInfo("conv", "Conv2d", (4, 2, 3, 3))
         >>> print(LayerPlan([LayerPair(t, g)]))  # doctest: +NORMALIZE_WHITESPACE
         guidance plan: 1 pair
-          #  target             features  <- guide                features  mode
-          0  fc (Linear)               8  <- conv (Conv2d)            18  flatten
+          #  target       features  axis  <- guide          features  axis  mode
+          0  fc (Linear)         8     -  <- conv (Conv2d)        18     -  flatten
+
+    ``axis`` is the dimension of each layer's output taken as the batch.
     """
 
     pairs: list[LayerPair]
@@ -161,14 +164,18 @@ class LayerPlan:
         return iter(self.pairs)
 
     def __str__(self) -> str:
-        rows = [(f"{p.target.name} ({p.target.type})", p.target.features, f"{p.guide.name} ({p.guide.type})",
-                 p.guide.features, p.mode) for p in self.pairs]  # fmt: skip
+        def axis(info: LayerInfo) -> str:
+            return "-" if info.batch_dim is None else str(info.batch_dim)
+
+        rows = [(f"{p.target.name} ({p.target.type})", p.target.features, axis(p.target),
+                 f"{p.guide.name} ({p.guide.type})", p.guide.features, axis(p.guide), p.mode)
+                for p in self.pairs]  # fmt: skip
         w_t = max([len("target")] + [len(r[0]) for r in rows])
-        w_g = max([len("guide")] + [len(r[2]) for r in rows])
+        w_g = max([len("guide")] + [len(r[3]) for r in rows])
         lines = [f"guidance plan: {len(self.pairs)} pair{'s' if len(self.pairs) != 1 else ''}"]
-        lines.append(f"  {'#':>2}  {'target':<{w_t}}  features  <- {'guide':<{w_g}}  features  mode")
-        for i, (t, tf, g, gf, mode) in enumerate(rows):
-            lines.append(f"  {i:>2}  {t:<{w_t}}  {tf:>8}  <- {g:<{w_g}}  {gf:>8}  {mode}")
+        lines.append(f"  {'#':>2}  {'target':<{w_t}}  features  axis  <- {'guide':<{w_g}}  features  axis  mode")
+        for i, (t, tf, ta, g, gf, ga, mode) in enumerate(rows):
+            lines.append(f"  {i:>2}  {t:<{w_t}}  {tf:>8}  {ta:>4}  <- {g:<{w_g}}  {gf:>8}  {ga:>4}  {mode}")
         for side, info in self.skipped:
             lines.append(f"  skipped {side} {info.name} ({info.type}): {info.skip_reason}")
         lines.extend(f"  note: {note}" for note in self.notes)
@@ -214,17 +221,33 @@ def _is_candidate(module: nn.Module, layer_types: Sequence[type[nn.Module] | str
 
 
 def _batch_first_hint(model: nn.Module, name: str) -> bool | None:
-    """``batch_first`` of the module or its nearest ancestor that declares one."""
-    parts = name.split(".")
-    for depth in range(len(parts), -1, -1):
+    """``batch_first`` of the module, else of a direct child (a ``TransformerEncoderLayer`` keeps it
+    on its ``self_attn``), else of the nearest ancestor that declares one."""
+    module = model.get_submodule(name) if name else model
+    own = getattr(module, "batch_first", None)
+    if isinstance(own, bool):
+        return own
+    for child in module.children():
+        flag = getattr(child, "batch_first", None)
+        if isinstance(flag, bool):
+            return flag
+    parts = name.split(".") if name else []
+    for depth in range(len(parts) - 1, -1, -1):
         try:
-            module = model.get_submodule(".".join(parts[:depth]))
+            ancestor = model.get_submodule(".".join(parts[:depth]))
         except AttributeError:
             continue
-        flag = getattr(module, "batch_first", None)
+        flag = getattr(ancestor, "batch_first", None)
         if isinstance(flag, bool):
             return flag
     return None
+
+
+def layout_conflicts(infos: list[LayerInfo], n: int) -> list[LayerInfo]:
+    """Layers whose declared layout (``batch_first``) puts a size other than ``n`` on the batch
+    axis: evidence that the input's batch axis was taken wrongly (e.g. an ``nn.LSTM`` without
+    ``batch_first`` fed ``(T, n, d)`` while axis 0 was assumed)."""
+    return [i for i in infos if i.declared is not None and i.declared[1] != n]
 
 
 # --------------------------------------------------------------------------- probing
@@ -250,11 +273,13 @@ def probe(
     n: int,
     names: Sequence[str] | None,
     layer_types: Sequence[type[nn.Module] | str],
+    input_axis: int = 0,
 ) -> list[LayerInfo]:
     """Record, in firing order, the layers of ``model`` that run during ``run()``.
 
     ``names`` restricts the candidates to those modules; otherwise every module of a type in
-    ``layer_types`` is a candidate. Hooks are always removed.
+    ``layer_types`` is a candidate. ``input_axis`` (the input's batch axis) breaks ties between
+    output dimensions of size ``n``. Hooks are always removed.
     """
     modules = dict(model.named_modules())
     if names is None:
@@ -267,10 +292,19 @@ def probe(
 
     def make_hook(name: str, module: nn.Module) -> Callable[..., None]:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            if name in seen:
-                seen[name].calls += 1
+            if name not in seen:
+                seen[name] = describe(model, name, module, output, n, input_axis)
                 return
-            seen[name] = describe(model, name, module, output, n)
+            first, again = seen[name], describe(model, name, module, output, n, input_axis)
+            first.calls += 1
+            if first.skip_reason is None and (again.shape, again.batch_dim) != (first.shape, first.batch_dim):
+                # The last call's output is aligned; with a layout that changes between calls there is
+                # no one feature matrix for it (and the metric would fail on a size mismatch).
+                first.skip_reason = (
+                    f"runs {first.calls}+ times per forward with different output layouts ({first.shape}, batch axis "
+                    f"{first.batch_dim}, then {again.shape}, batch axis {again.batch_dim}); align a module that runs "
+                    "once per forward, or wrap each call in its own module"
+                )
 
         return hook
 
@@ -284,18 +318,22 @@ def probe(
     return list(seen.values())
 
 
-def describe(model: nn.Module, name: str, module: nn.Module, output: Any, n: int) -> LayerInfo:
+def describe(model: nn.Module, name: str, module: nn.Module, output: Any, n: int, input_axis: int = 0) -> LayerInfo:
     """LayerInfo for one output of ``module`` given a batch of ``n`` samples."""
     kind = type(module).__name__
     tensor, lengths = extract(output)
     if tensor is None:
         return LayerInfo(name, kind, None, skip_reason=f"output of type {type(output).__name__} holds no float tensor")
     hint = True if lengths is not None else _batch_first_hint(model, name)
-    batch_dim = find_batch_dim(tensor, n, hint)
+    declared = None
+    if hint is not None and lengths is None and tensor.dim() == 3:
+        axis = 0 if hint else 1
+        declared = (axis, int(tensor.shape[axis]))
+    batch_dim = find_batch_dim(tensor, n, hint, input_axis)
     if batch_dim is None:
         return LayerInfo(
             name, kind, tuple(tensor.shape), skip_reason=f"no batch dimension of size {n} in output shape "
-            f"{tuple(tensor.shape)}"
+            f"{tuple(tensor.shape)}", declared=declared
         )  # fmt: skip
     if tensor.dim() < 2:
         return LayerInfo(
@@ -303,7 +341,8 @@ def describe(model: nn.Module, name: str, module: nn.Module, output: Any, n: int
             "features (is the input batched? guidance needs (n, ...) inputs)"
         )  # fmt: skip
     shape = tuple(tensor.movedim(batch_dim, 0).shape)
-    return LayerInfo(name, kind, shape, batch_dim=batch_dim, channels_first=is_channels_first(module))
+    channels_first = is_channels_first(module)
+    return LayerInfo(name, kind, shape, batch_dim=batch_dim, channels_first=channels_first, declared=declared)
 
 
 # --------------------------------------------------------------------------- matching

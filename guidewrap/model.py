@@ -84,11 +84,16 @@ class GuidedModel(GuidanceInterface, nn.Module):
         object.__setattr__(self, "_engine", engine)
         object.__setattr__(self, "_checked_caller", False)
         self.register_buffer("guidance_step", torch.zeros((), dtype=torch.long))
+        self.register_load_state_dict_post_hook(_restore_step)
+        self._bind()
+
+    def _bind(self) -> None:
+        """Connect this wrapper to its engine: the step counter and the instance's ``forward``."""
         # A weak reference: the target's hooks hold the engine, and the engine must not keep the
         # wrapper alive (dropping the wrapper removes its hooks, see close()).
         store = weakref.WeakMethod(self._store_step)
-        engine.on_step = lambda step: (method := store()) is not None and method(step)
-        self.register_load_state_dict_post_hook(_restore_step)
+        self._engine.on_step = lambda step: (method := store()) is not None and method(step)
+        target = self._modules["target"]
         forward_impl = self._guided_forward
 
         def forward(*args: Any, **kwargs: Any) -> Any:
@@ -99,6 +104,15 @@ class GuidedModel(GuidanceInterface, nn.Module):
         except (TypeError, ValueError):
             pass
         object.__setattr__(self, "forward", forward)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # deepcopy / pickle: the instance's forward closes over this wrapper, so the copy binds its
+        # own (its engine copy carries no hooks and no step state, see GuidanceEngine.__getstate__).
+        return {k: v for k, v in super().__getstate__().items() if k != "forward"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._bind()
 
     # ------------------------------------------------------------------ module plumbing
 

@@ -28,6 +28,7 @@ from guidewrap import (
     NoiseInputError,
     SkippedPairWarning,
 )
+from guidewrap.errors import GuidewrapWarning
 from tests.conftest import mlp
 
 
@@ -509,3 +510,204 @@ def test_an_encoder_decoder_guide_names_the_adapter_to_pass() -> None:
     encoder = GuidedModel(target, guide.get_encoder())  # the fix the message names
     encoder(torch.randint(0, 32, (4, 6)))
     assert encoder.alignment_loss.item() > 0
+
+
+def test_a_batch_of_two_warns_once_that_nothing_is_guided() -> None:
+    guided = GuidedModel(_TwoLayer(), _small_guide())
+    with pytest.warns(GuidewrapWarning, match="batch of 2 samples"):
+        guided(torch.randn(2, 4))
+    assert guided.alignment_loss.item() == pytest.approx(0.0, abs=1e-6)  # why it warns: CKA is 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GuidewrapWarning)
+        guided(torch.randn(2, 4))  # once is enough
+        guided(torch.randn(8, 4))
+
+
+def _hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_snapshots_of_a_guided_target_carry_no_guidance(tmp_path) -> None:  # noqa: ANN001
+    """deepcopy, AveragedModel (EMA/SWA) and torch.save of the target, inside a Guidance block,
+    before and after a forward: the copy works, never runs the guide or captures, and holds no
+    hook once it has run; the original stays guided."""
+    import copy
+
+    from torch.optim.swa_utils import AveragedModel
+
+    target, guide = _TwoLayer(), _small_guide()
+    x = torch.randn(8, 4)
+    with Guidance(target, guide) as guidance:
+        early = copy.deepcopy(target)  # before any forward: only the root hooks exist
+        target(x)
+        snapshots = {"early": early, "deepcopy": copy.deepcopy(target), "ema": AveragedModel(target)}
+        torch.save(target, tmp_path / "target.pt")
+        snapshots["saved"] = torch.load(tmp_path / "target.pt", weights_only=False)
+        runs = guidance.engine.counters["guide_forwards"]
+        for name, snapshot in snapshots.items():
+            out = snapshot(x)
+            assert out.shape == (8, 2), name
+            assert _hook_count(snapshot) == 0, f"{name} kept a hook after its first forward"
+        assert guidance.engine.counters["guide_forwards"] == runs, "a snapshot ran the original's guide"
+        target(x)
+        assert guidance.engine.counters["guide_forwards"] == runs + 1 and guidance.alignment_loss.item() > 0
+    assert _hook_count(target) == 0
+
+
+def test_deepcopy_and_pickle_of_a_guided_model_after_a_forward(tmp_path) -> None:  # noqa: ANN001
+    import copy
+
+    guided = GuidedModel(_TwoLayer(), _small_guide())
+    x = torch.randn(8, 4)
+    guided(x)
+    twin = copy.deepcopy(guided)
+    torch.save(guided, tmp_path / "guided.pt")
+    loaded = torch.load(tmp_path / "guided.pt", weights_only=False)
+    for copy_ in (twin, loaded):
+        assert copy_.guide is not guided.guide and copy_.target is not guided.target
+        assert all(not p.requires_grad for p in copy_.guide.parameters())
+        copy_(x)  # guided by its own engine
+        assert copy_.alignment_loss.item() > 0 and copy_.engine.counters["guide_forwards"] == 2
+        assert torch.equal(copy_.alignment_loss, guided.alignment_loss)  # same weights, same input
+    assert guided.engine.counters["guide_forwards"] == 1
+    twin.close()
+    guided(x)  # the original is untouched by the copy's close
+    assert guided.engine.counters["guide_forwards"] == 2
+
+
+def test_a_guide_sharing_a_module_with_the_target_is_refused_and_nothing_is_changed() -> None:
+    embedding = nn.Embedding(20, 8)
+    target = nn.Sequential(embedding, nn.Flatten(), nn.Linear(24, 4))
+    guide = nn.Sequential(embedding, nn.Flatten(), nn.Linear(24, 6))
+    target.train()
+    with pytest.raises(ConfigError, match=r"shares modules.*target '0' is guide '0'.*copy.deepcopy"):
+        GuidedModel(target, guide)
+    assert embedding.weight.requires_grad and embedding.training
+    tied = nn.Linear(8, 8)
+    other = nn.Linear(8, 8)
+    other.weight = tied.weight  # tied weights, distinct modules
+    with pytest.raises(ConfigError, match="weight"):
+        GuidedModel(nn.Sequential(tied), nn.Sequential(other))
+
+
+class _CalledTwice(nn.Module):
+    """``lin`` runs twice per forward: on (n, 4) and on (3, n, 4) (sequence-first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.out = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.lin(x)
+        b = self.lin(x.unsqueeze(0).repeat(3, 1, 1))
+        return self.out(a + b.mean(0))
+
+
+def test_a_layer_run_with_different_layouts_in_one_forward_says_so() -> None:
+    from guidewrap.errors import PlanError
+
+    guide = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    with pytest.raises(PlanError, match=r"'lin' cannot be aligned: runs 2\+ times per forward with different output"):
+        GuidedModel(_CalledTwice(), guide, layers=[("lin", "0")])(torch.randn(16, 4))
+    auto = GuidedModel(_CalledTwice(), guide)  # automatic matching leaves it out, visibly
+    auto(torch.randn(16, 4))
+    plan = auto.plan()
+    assert "lin" not in {p.target.name for p in plan} and "different output layouts" in str(plan)
+
+
+class _SeqFirstLSTM(nn.Module):
+    """nn.LSTM without batch_first: (T, n, d) in, logits from the last step."""
+
+    def __init__(self, d: int = 6, hidden: int = 12) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(d, hidden)
+        self.head = nn.Linear(hidden, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][-1])
+
+
+def _seq_first_encoder(d: int = 6) -> nn.Module:
+    layer = nn.TransformerEncoderLayer(d, 2, 16, dropout=0.0)  # batch_first=False
+    return nn.Sequential(nn.Linear(d, d), nn.TransformerEncoder(layer, 1, enable_nested_tensor=False))
+
+
+def _reference_alignment(target: nn.Module, guide: nn.Module, plan, x: torch.Tensor, gx: torch.Tensor) -> dict:  # noqa: ANN001
+    """Per-pair CKA from the test's own hooks: the batch axis is where the test knows it is."""
+    from reference import linear_cka_textbook
+
+    def grab(model: nn.Module, names: set[str], inp: torch.Tensor, axis_of: dict[str, int]) -> dict:
+        out = {}
+        handles = [
+            model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: out.__setitem__(n, o)) for n in names
+        ]
+        try:
+            with torch.no_grad():
+                model(inp)
+        finally:
+            for h in handles:
+                h.remove()
+        feats = {}
+        for n, o in out.items():
+            o = o[0] if isinstance(o, tuple) else o
+            feats[n] = o.movedim(axis_of[n], 0).flatten(1).double()
+        return feats
+
+    t_axis = {p.target.name: _true_axis(target, p.target.name) for p in plan}
+    g_axis = {p.guide.name: _true_axis(guide, p.guide.name) for p in plan}
+    tf = grab(target, set(t_axis), x, t_axis)
+    gf = grab(guide, set(g_axis), gx, g_axis)
+    return {p.key: linear_cka_textbook(tf[p.target.name], gf[p.guide.name]).item() for p in plan}
+
+
+def _true_axis(model: nn.Module, name: str) -> int:
+    """What the test knows: every module in these models is sequence-first (axis 1) for 3-D outputs."""
+    return 1 if getattr(model, "_test_seq_first", True) else 0
+
+
+def test_a_sequence_first_lstm_with_default_settings_uses_the_real_batch() -> None:
+    torch.manual_seed(0)
+    target, guide = _SeqFirstLSTM(), _seq_first_encoder()
+    x = torch.randn(5, 8, 6)  # (T, n, d): 8 samples, 5 steps
+    guided = GuidedModel(target, guide, layers=[("rnn", "1.layers.0")])
+    guided(x)
+    plan = guided.plan()
+    assert [(p.target.batch_dim, p.guide.batch_dim) for p in plan] == [(1, 1)]
+    assert "batch axis of the target's input: 1" in str(plan)
+    expected = _reference_alignment(target, guide, plan, x, x)
+    for key, value in guided.last_alignment.items():
+        assert value == pytest.approx(expected[key], abs=1e-4), key
+
+
+def test_the_declared_layout_breaks_ties_when_length_equals_batch() -> None:
+    torch.manual_seed(0)
+    target, guide = _SeqFirstLSTM(), _seq_first_encoder()
+    x = torch.randn(8, 8, 6)  # T == n: only batch_first says which axis holds the samples
+    guided = GuidedModel(target, guide, layers=[("rnn", "1.layers.0")], input_batch_dim=1)
+    guided(x)
+    plan = guided.plan()
+    assert [(p.target.batch_dim, p.guide.batch_dim) for p in plan] == [(1, 1)]
+    expected = _reference_alignment(target, guide, plan, x, x)
+    assert guided.last_alignment["rnn<-1.layers.0"] == pytest.approx(expected["rnn<-1.layers.0"], abs=1e-4)
+
+
+def test_a_batch_first_target_with_a_sequence_first_guide_behind_an_adapter() -> None:
+    torch.manual_seed(0)
+    target = nn.Sequential(nn.LSTM(6, 12, batch_first=True))
+    guide = _seq_first_encoder()
+    x = torch.randn(8, 5, 6)  # batch first
+    guided = GuidedModel(target, guide, layers=[("0", "1.layers.0")], guide_inputs=lambda t: t.transpose(0, 1))
+    guided(x)  # used to raise a false BatchSizeMismatchError
+    plan = guided.plan()
+    assert [(p.target.batch_dim, p.guide.batch_dim) for p in plan] == [(0, 1)]
+    target._test_seq_first = False  # the test's own knowledge of the target's layout
+    expected = _reference_alignment(target, guide, plan, x, x.transpose(0, 1))
+    assert guided.last_alignment["0<-1.layers.0"] == pytest.approx(expected["0<-1.layers.0"], abs=1e-4)
+
+
+def test_an_explicit_batch_axis_that_contradicts_a_declared_layout_is_an_error() -> None:
+    from guidewrap.errors import PlanError
+
+    guided = GuidedModel(_SeqFirstLSTM(), _seq_first_encoder(), input_batch_dim=0)
+    with pytest.raises(PlanError, match=r"'rnn' \(LSTM, batch_first=False\) has 8 samples.*input_batch_dim=0"):
+        guided(torch.randn(5, 8, 6))
