@@ -103,6 +103,8 @@ class GuidanceEngine:
         self.counters = {"guided_forwards": 0, "guide_forwards": 0, "skipped_pairs": 0}
         self._double_count_checks = 3
         self._warned_tiny_batch = False
+        self._left_padded = False  # read from the first guided step's mask under data parallelism
+        self._padding_checked = False
         self.closed = False
         if optimizer is not None:
             self.attach_optimizer(optimizer)
@@ -272,6 +274,11 @@ class GuidanceEngine:
                 GuidewrapWarning,
                 stacklevel=4,
             )
+        if not self._padding_checked and routed.mask is not None and routed.mask.dim() == 2:
+            self._padding_checked = True  # the collator's padding side does not change: one host read
+            if distributed.world_size(self.config.distributed) > 1:
+                mask = routed.mask
+                self._left_padded = bool(((mask[:, 0] == 0) & (mask[:, -1] != 0)).any())
         if self._plan is None:
             routed = self._resolve_plan(args, kwargs, routed)
         plan = self._plan
@@ -285,7 +292,8 @@ class GuidanceEngine:
         if side == "guide" and x.dtype == torch.float64 and self._target_float != torch.float64:
             x = x.float()  # a float64 guide beside a float32 target: compare in the target's precision
         x = self._subsets(x, (side, name))
-        return distributed.gather(x, w, differentiable=side == "target", mode=self.config.distributed)
+        mode = self.config.distributed
+        return distributed.gather(x, w, differentiable=side == "target", mode=mode, left_padded=self._left_padded)
 
     def _finish(self, step: GuidedStep, weight: float) -> Tensor:
         if self._plan is None or step.routed is None:

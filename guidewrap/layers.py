@@ -102,6 +102,7 @@ class LayerInfo:
     skip_reason: str | None = None
     calls: int = 1
     declared: tuple[int, int] | None = None  # (batch axis, its size) per the module's batch_first
+    ambiguous: bool = False  # several output axes have the batch's size and nothing declared which
 
     @property
     def features(self) -> int:
@@ -315,7 +316,21 @@ def probe(
     finally:
         for handle in handles:
             handle.remove()
-    return list(seen.values())
+    return _agree(list(seen.values()))
+
+
+def _agree(infos: list[LayerInfo]) -> list[LayerInfo]:
+    """Agreement across layers: a 3-D output whose batch axis is ambiguous (sequence length equal
+    to the batch size, no declared layout) takes the axis that the model's declaring layers use
+    (the input projection of a sequence-first transformer is (T, n, d) like its layers)."""
+    declared = {i.declared[0] for i in infos if i.declared is not None}
+    if len(declared) != 1:
+        return infos
+    axis = declared.pop()
+    for info in infos:
+        if info.ambiguous and info.batch_dim != axis and info.shape is not None and len(info.shape) == 3:
+            info.batch_dim = axis  # the sizes are equal, so the batch-first shape is unchanged
+    return infos
 
 
 def describe(model: nn.Module, name: str, module: nn.Module, output: Any, n: int, input_axis: int = 0) -> LayerInfo:
@@ -342,7 +357,10 @@ def describe(model: nn.Module, name: str, module: nn.Module, output: Any, n: int
         )  # fmt: skip
     shape = tuple(tensor.movedim(batch_dim, 0).shape)
     channels_first = is_channels_first(module)
-    return LayerInfo(name, kind, shape, batch_dim=batch_dim, channels_first=channels_first, declared=declared)
+    ambiguous = hint is None and sum(size == n for size in tensor.shape) > 1
+    return LayerInfo(
+        name, kind, shape, batch_dim=batch_dim, channels_first=channels_first, declared=declared, ambiguous=ambiguous
+    )
 
 
 # --------------------------------------------------------------------------- matching

@@ -6,6 +6,7 @@ alignment loss and the target's (all-reduced) gradients.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -28,13 +29,112 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(32, 6, generator=gen), torch.randint(0, 3, (32,), generator=gen)
 
 
-def main(out: str, mode: str) -> None:
-    dist.init_process_group("gloo")
+class TokenLSTM(nn.Module):
+    """A token model taking ``attention_mask`` (right padding leaves real positions unchanged)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.rnn, self.head = nn.Embedding(30, 12), nn.LSTM(12, 12, batch_first=True), nn.Linear(12, 5)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(self.emb(input_ids))[0])
+
+
+class TokenEncoder(nn.Module):
+    """A transformer encoder guide that masks padded keys."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(30, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self.emb(input_ids), src_key_padding_mask=attention_mask == 0)
+
+
+def token_models() -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    return TokenLSTM(), TokenEncoder()
+
+
+def token_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Two processes' batches, each right-padded to its own longest sequence (7 and 10)."""
+    gen = torch.Generator().manual_seed(2)
+    out = []
+    for lengths in ([7, 3, 5, 6], [10, 4, 9, 2]):
+        width = max(lengths)
+        ids = torch.randint(1, 30, (len(lengths), width), generator=gen)
+        mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+        out.append((ids * mask, mask))
+    return out
+
+
+def padded_together() -> tuple[torch.Tensor, torch.Tensor]:
+    """Both batches as one process would see them: padded to the global longest sequence."""
+    parts = token_batches()
+    width = max(ids.shape[1] for ids, _ in parts)
+    pad = lambda t: nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+    return torch.cat([pad(ids) for ids, _ in parts]), torch.cat([pad(mask) for _, mask in parts])
+
+
+def dynamic(out: str, sequence: str) -> None:
+    rank = dist.get_rank()
+    target, guide = token_models()
+    guided = GuidedModel(target, guide, sequence=sequence)
+    model = DistributedDataParallel(guided)
+    ids, mask = token_batches()[rank]
+    logits = model(input_ids=ids, attention_mask=mask)
+    loss = logits[:, 0].pow(2).mean() + guided.alignment_loss  # position 0: the same under any padding
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in target.named_parameters() if p.grad is not None}
+    torch.save({"alignment": guided.alignment_loss.item(), "grads": grads}, f"{out}/rank{rank}.pt")
+
+
+def fsdp(out: str) -> None:
+    """FSDP2: the target's Linear layers and the target sharded with fully_shard, the guide replicated."""
+    from torch.distributed.fsdp import fully_shard
+
     rank, world = dist.get_rank(), dist.get_world_size()
     target, guide = models()
-    guided = GuidedModel(target, guide, distributed=mode)
+    target.to(DEVICE)
+    for layer in target:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(target)
+    guided = GuidedModel(target, guide)
+    x, y = (t.to(DEVICE) for t in batch())
+    part = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+    loss = nn.functional.cross_entropy(guided(x[part]), y[part]) + guided.alignment_loss
+    loss.backward()
+    grads = {name: p.grad.full_tensor().clone() for name, p in target.named_parameters() if p.grad is not None}
+    plan = [(p.target.name, p.guide.name, p.target.shape) for p in guided.plan()]
+    torch.save({"alignment": guided.alignment_loss.item(), "grads": grads, "plan": plan}, f"{out}/rank{rank}.pt")
+
+
+CUDA = os.environ.get("GUIDEWRAP_TEST_CUDA") == "1"  # tests/test_gpu.py: NCCL, one GPU per process
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def main(out: str, mode: str) -> None:
+    if CUDA:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if CUDA else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if mode == "fsdp":
+        fsdp(out)
+        dist.barrier()
+        dist.destroy_process_group()
+        return
+    if mode.startswith("dynamic-"):
+        dynamic(out, mode.removeprefix("dynamic-"))
+        dist.barrier()
+        dist.destroy_process_group()
+        return
+    target, guide = models()
+    guided = GuidedModel(target.to(DEVICE), guide, distributed=mode)
     model = DistributedDataParallel(guided)
-    x, y = batch()
+    x, y = (t.to(DEVICE) for t in batch())
     part = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
     out_t = model(x[part])
     loss = nn.functional.cross_entropy(out_t, y[part]) + guided.alignment_loss

@@ -4,6 +4,7 @@ on the concatenated batch; per-process CKA measures each process's own batch."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from guidewrap import GuidedModel
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from _ddp_worker import batch, models  # noqa: E402
+from _ddp_worker import batch, models, padded_together, token_models  # noqa: E402
 
 # Failures of the machinery rather than of the code under test are retried once, with the reason
 # printed: a rendezvous on a busy machine (a port taken between torchrun picking it and binding it, a
@@ -32,20 +33,26 @@ _RENDEZVOUS_FAILURES = (
 )
 
 
-def _launch(tmp_path: Path, mode: str) -> list[dict]:
+def _torchrun(script: Path, *args: str) -> subprocess.CompletedProcess:
+    """Two processes under torchrun (gloo, CPU); infrastructure failures are retried once."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0"]
-    cmd += ["--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", str(ROOT / "tests" / "_ddp_worker.py")]
+    cmd += ["--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", str(script)]
     for attempt in (1, 2):
-        run = subprocess.run([*cmd, str(tmp_path), mode], env=env, capture_output=True, text=True, timeout=300)
+        run = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=300)
         if run.returncode == 0:
-            return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+            return run
         output = run.stdout[-4000:] + run.stderr[-8000:]
         if attempt == 1 and any(key.lower() in output.lower() for key in _RENDEZVOUS_FAILURES):
             print(f"torchrun infrastructure failure (exit {run.returncode}); retrying once:\n{output}", file=sys.stderr)
             continue
         pytest.fail(f"torchrun exited {run.returncode} (attempt {attempt}); the workers said:\n{output}")
     raise AssertionError("unreachable")
+
+
+def _launch(tmp_path: Path, mode: str) -> list[dict]:
+    _torchrun(ROOT / "tests" / "_ddp_worker.py", str(tmp_path), mode)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
 
 def _single_process() -> tuple[float, dict[str, torch.Tensor]]:
@@ -79,3 +86,48 @@ def test_per_process_cka_measures_each_half(tmp_path: Path) -> None:
         assert result["alignment"] == pytest.approx(guided.alignment_loss.item(), abs=1e-5)
     # CKA depends on the sample count and on which samples are compared: the halves differ
     assert abs(ranks[0]["alignment"] - global_alignment) > 1e-3
+
+
+@pytest.mark.parametrize("sequence", ["flatten", "tokenwise"])
+def test_dynamic_padding_across_processes_equals_one_process(tmp_path: Path, sequence: str) -> None:
+    """Each process pads to its own longest sequence (7 and 10 tokens): the layers' widths differ
+    between processes. Global-batch CKA neither crashes nor hangs, and equals one process on both
+    batches padded to the global longest sequence, value and gradients."""
+    ranks = _launch(tmp_path, f"dynamic-{sequence}")
+    target, guide = token_models()
+    guided = GuidedModel(target, guide, sequence=sequence)
+    ids, mask = padded_together()
+    logits = guided(input_ids=ids, attention_mask=mask)
+    (logits[:, 0].pow(2).mean() + guided.alignment_loss).backward()
+    for result in ranks:
+        assert result["alignment"] == pytest.approx(guided.alignment_loss.item(), abs=1e-5)
+        for name, p in target.named_parameters():
+            torch.testing.assert_close(result["grads"][name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_fsdp2_sharded_target_gets_the_global_cka_and_single_process_gradients(tmp_path: Path) -> None:
+    """torch FSDP2 (fully_shard on each Linear and on the target; the guide replicated), two
+    processes on CPU: the hooks see full activations, the CKA is the global one, and the gathered
+    gradients equal one process's on the whole batch."""
+    ranks = _launch(tmp_path, "fsdp")
+    alignment, grads = _single_process()
+    target, guide = models()
+    single_plan = [(p.target.name, p.guide.name, p.target.shape) for p in GuidedModel(target, guide).plan(batch()[0])]
+    for result in ranks:
+        assert [(t, g) for t, g, _ in result["plan"]] == [(t, g) for t, g, _ in single_plan]
+        assert [s[1:] for _, _, s in result["plan"]] == [s[1:] for _, _, s in single_plan]  # full widths
+        assert result["alignment"] == pytest.approx(alignment, abs=1e-5)
+        for name, grad in grads.items():
+            torch.testing.assert_close(result["grads"][name], grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_the_accelerate_example_runs_with_dynamic_padding_under_two_processes() -> None:
+    """examples/accelerate_loop.py as a user launches it: torchrun, 2 processes, each batch padded to
+    its own longest sentence, so the processes' layer widths differ at every step."""
+    run = _torchrun(ROOT / "examples" / "accelerate_loop.py", "--smoke")
+    lines = re.findall(r"process \d/\d: .*?padded widths seen \[[\d, ]*\]", run.stdout)
+    assert sorted(line.split(":")[0] for line in lines) == ["process 0/2", "process 1/2"], run.stdout
+    for line in lines:
+        assert "optimizer steps counted 4" in line and "largest guidance term 0.0000" not in line, line
+    widths = [line.split("padded widths seen ")[1] for line in lines]
+    assert widths[0] != widths[1], f"both processes saw the same padded widths: {widths}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import math
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -282,37 +283,62 @@ def test_target_under_torch_compile(backend: str) -> None:
 FAMILIES = ("mlp", "cnn", "rnn", "transformer")
 
 
-def _build(family: str, depth: int, width: int, rng: torch.Generator) -> tuple[nn.Module, str]:
-    """A model of ``family`` for 48 input numbers: vectors, (3, 4, 4) images or (6, 8) sequences."""
+def _build(family: str, depth: int, width: int, rng: torch.Generator, seq_first: bool = False) -> nn.Module:
+    """A model of ``family`` for 48 input numbers: vectors, (3, 4, 4) images or (6, 8) sequences;
+    ``seq_first`` builds the sequence families with ``batch_first=False`` (run on (6, n, 8))."""
     if family == "mlp":
         layers = [nn.Flatten()] + [
             m for i in range(depth) for m in (nn.Linear(48 if i == 0 else width, width), nn.ReLU())
         ]
-        return nn.Sequential(*layers, nn.Linear(width, 4)), "flat"
+        return nn.Sequential(*layers, nn.Linear(width, 4))
     if family == "cnn":
         layers = [m for i in range(depth) for m in (nn.Conv2d(3 if i == 0 else width, width, 3, padding=1), nn.ReLU())]
-        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * width, 4)), "flat"
+        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * width, 4))
     d = width - width % 2 or 2
+    first = not seq_first
     if family == "rnn":
         kind = [nn.RNN, nn.LSTM, nn.GRU][int(torch.randint(0, 3, (1,), generator=rng))]
-        return _Seq(nn.ModuleList(kind(8 if i == 0 else d, d, batch_first=True) for i in range(depth)), d), "seq"
-    layer = nn.TransformerEncoderLayer(d, 2, 2 * d, dropout=0.0, batch_first=True)
+        return _Seq(nn.ModuleList(kind(8 if i == 0 else d, d, batch_first=first) for i in range(depth)), d, seq_first)
+    layer = nn.TransformerEncoderLayer(d, 2, 2 * d, dropout=0.0, batch_first=first)
     return _Seq(
-        nn.ModuleList([nn.Linear(8, d), nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)]), d
-    ), "seq"
+        nn.ModuleList([nn.Linear(8, d), nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)]), d, seq_first
+    )
 
 
 class _Seq(nn.Module):
-    def __init__(self, blocks: nn.ModuleList, d: int) -> None:
+    def __init__(self, blocks: nn.ModuleList, d: int, seq_first: bool = False) -> None:
         super().__init__()
-        self.blocks, self.head = blocks, nn.Linear(d, 4)
+        self.blocks, self.head, self.seq_first = blocks, nn.Linear(d, 4), seq_first
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.flatten(1).view(len(x), 6, 8)  # any input becomes a (n, 6, 8) sequence
+        h = h.transpose(0, 1) if self.seq_first else h
         for block in self.blocks:
             h = block(h)
             h = h[0] if isinstance(h, tuple) else h
-        return self.head(h.mean(1))
+        return self.head(h.mean(0 if self.seq_first else 1))
+
+
+def _fuzz_reference(model: nn.Module, names: set[str], call: Callable[[], object]) -> dict[str, torch.Tensor]:
+    """Each named layer's output as float64 (n, features), laid out by what the test knows: the
+    sequence families' 3-D outputs are (T, n, d) when built sequence-first."""
+    out: dict[str, torch.Tensor] = {}
+
+    def keep(name: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, _i: object, o: object) -> None:
+            out[name] = o[0] if isinstance(o, tuple) else o  # type: ignore[index,assignment]
+
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(keep(n)) for n in names]
+    try:
+        with torch.no_grad():
+            call()
+    finally:
+        for h in handles:
+            h.remove()
+    seq_first = getattr(model, "seq_first", False)
+    return {n: (t.transpose(0, 1) if seq_first and t.dim() == 3 else t).flatten(1).double() for n, t in out.items()}
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -323,14 +349,32 @@ class _Seq(nn.Module):
     widths=st.tuples(st.integers(2, 24), st.integers(2, 24)),
     batch=st.integers(2, 12),
     seed=st.integers(0, 2**16),
+    seq_first=st.tuples(st.booleans(), st.booleans()),
+    twist=st.sampled_from(["none", "deepcopy_mid_step", "float64_guide", "shared_module"]),
 )
-def test_fuzzed_architectures_train(target_family, guide_family, depths, widths, batch, seed) -> None:  # noqa: ANN001
+def test_fuzzed_architectures_train(  # noqa: ANN001
+    target_family, guide_family, depths, widths, batch, seed, seq_first, twist
+) -> None:
+    """Random pairs train without NaN, hooks or guide changes; every measured pair equals a float64
+    reference from the test's own hooks; layouts (sequence-first), snapshots mid-step, a float64
+    guide and a guide sharing a module (refused, target untouched) are mixed in."""
+    import copy
+
+    from reference import linear_cka_textbook
+
     rng = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    target, _ = _build(target_family, depths[0], widths[0], rng)
+    target = _build(target_family, depths[0], widths[0], rng, seq_first[0])
     if guide_family == target_family:  # the guide comes from another family
         guide_family = FAMILIES[(FAMILIES.index(target_family) + 1) % len(FAMILIES)]
-    guide, _ = _build(guide_family, depths[1], widths[1], rng)
+    guide = _build(guide_family, depths[1], widths[1], rng, seq_first[1])
+    if twist == "shared_module":
+        shared = nn.Sequential(next(m for m in target.modules() if isinstance(m, (nn.Linear, nn.Conv2d))))
+        with pytest.raises(ConfigError, match="shares modules"):
+            Guidance(target, shared)
+        assert all(p.requires_grad for p in target.parameters()) and target.training
+    if twist == "float64_guide":
+        guide = guide.double()
     x = torch.randn(batch, 48, generator=rng)  # 48 = 6 x 8 sequences = 3 x 4 x 4 images
     x_img = x.view(batch, 3, 4, 4)
     inputs = x_img if target_family == "cnn" else x
@@ -340,13 +384,29 @@ def test_fuzzed_architectures_train(target_family, guide_family, depths, widths,
     params = [p for p in target.parameters() if p.requires_grad]
     with Guidance(target, guide, guide_inputs=guide_inputs) as g, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tiny batches may make some pairs unmeasurable (skipped, warned)
-        assert len(g.plan(inputs)) > 0  # every family here has layers to align: an empty plan is a bug
-        for _ in range(2):
+        plan = g.plan(inputs)
+        assert len(plan) > 0  # every family here has layers to align: an empty plan is a bug
+        for step in range(2):
             out = target(inputs)
             term = g.alignment_loss
-            measured = len(g.last_alignment)
+            measured = g.last_alignment
+            if step == 0:
+                t_ref = _fuzz_reference(target, {p.target.name for p in plan}, lambda: target(inputs))
+                g_x = guide_inputs(inputs).to(next(guide.parameters()).dtype)
+                g_ref = _fuzz_reference(guide, {p.guide.name for p in plan}, lambda g_x=g_x: guide(g_x))
+                for pair in plan:
+                    a, b = t_ref[pair.target.name], g_ref[pair.guide.name]
+                    if pair.key in measured:
+                        want = linear_cka_textbook(a - a.mean(0), b - b.mean(0)).item()
+                        assert measured[pair.key] == pytest.approx(want, abs=2e-4), f"{pair.key}\n{plan}"
+                    else:  # skipped pairs must really be unmeasurable
+                        assert batch < 2 or not (a.std(0).max() > 0 and b.std(0).max() > 0), f"{pair.key} skipped"
+            if twist == "deepcopy_mid_step":
+                snapshot = copy.deepcopy(target)  # between the forward and the backward
+                snapshot(inputs)
+                assert _no_hooks(snapshot)
             if batch >= 3 and measured:  # n = 2 makes every CKA exactly 1 (two centred points)
-                assert term.item() > 0, f"a measured plan gave a zero term: {g.last_alignment}"
+                assert term.item() > 0, f"a measured plan gave a zero term: {measured}"
                 grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
                 assert any(gr is not None and gr.abs().sum() > 0 for gr in grads), "no gradient from the term"
             loss = out.pow(2).mean() + term
@@ -711,3 +771,24 @@ def test_an_explicit_batch_axis_that_contradicts_a_declared_layout_is_an_error()
     guided = GuidedModel(_SeqFirstLSTM(), _seq_first_encoder(), input_batch_dim=0)
     with pytest.raises(PlanError, match=r"'rnn' \(LSTM, batch_first=False\) has 8 samples.*input_batch_dim=0"):
         guided(torch.randn(5, 8, 6))
+
+
+def test_layers_agree_on_the_batch_axis_when_the_length_equals_the_batch() -> None:
+    """A sequence-first transformer fed 6 sequences of length 6: its input projection (an
+    nn.Linear, no declared layout) takes the axis its transformer layers declare."""
+    from reference import linear_cka_textbook
+
+    torch.manual_seed(0)
+    target = _build("transformer", 2, 8, torch.Generator().manual_seed(0), seq_first=True)
+    guide = _build("mlp", 2, 8, torch.Generator().manual_seed(1))
+    x = torch.randn(6, 48)
+    guided = GuidedModel(target, guide, layers=[("blocks.0", "2"), ("blocks.1.layers.0", "4")])
+    guided(x)
+    plan = guided.plan()
+    assert [p.target.batch_dim for p in plan] == [1, 1]
+    t_ref = _fuzz_reference(target, {"blocks.0", "blocks.1.layers.0"}, lambda: target(x))
+    g_ref = _fuzz_reference(guide, {"2", "4"}, lambda: guide(x))
+    for pair in plan:
+        a, b = t_ref[pair.target.name], g_ref[pair.guide.name]
+        want = linear_cka_textbook(a - a.mean(0), b - b.mean(0)).item()
+        assert guided.last_alignment[pair.key] == pytest.approx(want, abs=1e-4), pair.key

@@ -242,3 +242,72 @@ def test_trainer_example_smoke() -> None:
     spec.loader.exec_module(module)
     result = module.main(smoke=True)
     assert math.isfinite(result["perplexity"]) and result["last_guidance_loss"] > 0
+
+
+def _clm_blocks(text: str, block_size: int):  # noqa: ANN202
+    """run_clm.py's data path: tokenize a text dataset, then group_texts into fixed-length blocks
+    with labels = input_ids (a character tokenizer stands in for AutoTokenizer, offline)."""
+    from datasets import Dataset
+
+    vocab = {c: i for i, c in enumerate(sorted(set(text + "\n")))}
+
+    def tokenize_function(examples):  # noqa: ANN001, ANN202
+        return {"input_ids": [[vocab[c] for c in line] for line in examples["text"]]}
+
+    def group_texts(examples):  # noqa: ANN001, ANN202 - as in transformers' run_clm.py
+        concatenated = {k: sum(examples[k], []) for k in examples}
+        total_length = (len(concatenated["input_ids"]) // block_size) * block_size
+        result = {
+            k: [t[i : i + block_size] for i in range(0, total_length, block_size)] for k, t in concatenated.items()
+        }
+        result["labels"] = result["input_ids"].copy()
+        return result
+
+    raw = Dataset.from_dict({"text": [line + "\n" for line in text.split(". ") if line]})
+    tokenized = raw.map(tokenize_function, batched=True, remove_columns=["text"])
+    return tokenized.map(group_texts, batched=True), len(vocab)
+
+
+def test_run_clm_shape_eval_accumulation_resume_bit_identical_and_plain_loading(tmp_path: Path) -> None:
+    """The official causal-LM script's shape: tokenized fixed-length blocks, evaluation during
+    training, gradient accumulation 3, a checkpoint every 3 steps; resuming from the checkpoint gives
+    bit-identical weights to the straight run, and the saved model loads with plain from_pretrained
+    in a process where guidewrap cannot be imported."""
+    blocks, vocab_size = _clm_blocks(TEXT * 2, block_size=16)
+    split = blocks.train_test_split(test_size=0.2, seed=0)
+
+    def run(folder: str, resume: str | None = None) -> Trainer:
+        torch.manual_seed(0)
+        model = tiny_gpt2(vocab_size, n_layer=2, n_embd=16, n_head=2, n_positions=32)
+        args = _args(
+            tmp_path, output_dir=str(tmp_path / folder), max_steps=6, gradient_accumulation_steps=3,
+            per_device_train_batch_size=4, eval_strategy="steps", eval_steps=2, save_strategy="steps",
+            save_steps=3, optim="adamw_torch",
+        )  # fmt: skip
+        trainer = Trainer(model=model, args=args, train_dataset=split["train"], eval_dataset=split["test"])
+        torch.manual_seed(1)
+        guide_trainer(trainer, RNNLanguageModel(vocab_size, emb=8, hidden=16, layers=3), until_step=4)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    straight = run("straight")
+    evals = [row for row in straight.state.log_history if "eval_loss" in row]
+    assert len(evals) == 3 and all(math.isfinite(row["eval_loss"]) for row in evals)
+    assert any("guidance_loss" in row for row in straight.state.log_history)
+    resumed = run("resumed", resume=str(tmp_path / "straight" / "checkpoint-3"))
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), f"{name} differs after resuming"
+    out = tmp_path / "final"
+    resumed.save_model(str(out))
+    script = (
+        "import sys; sys.modules['guidewrap'] = None\n"  # guidewrap cannot be imported
+        "import torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r})\n"
+        f"torch.save(m.state_dict(), {str(tmp_path / 'loaded.pt')!r})\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = torch.load(tmp_path / "loaded.pt")
+    for name, value in resumed.model.state_dict().items():
+        assert torch.equal(loaded[name], value), f"{name} did not load as saved"
