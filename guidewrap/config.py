@@ -27,7 +27,7 @@ from .schedules import GuidanceSchedule
 
 __all__ = ["GuidanceConfig"]
 
-LayerSpec = Any  # "auto" | list[tuple[str, str]] | {"target": ..., "guide": ...}
+LayerSpec = Any  # "auto" | "paper" | list[tuple[str, str]] | {"target": ..., "guide": ...}
 
 
 @dataclass
@@ -36,10 +36,12 @@ class GuidanceConfig:
     :class:`~guidewrap.GuidedModel` and :class:`~guidewrap.Guidance`.
 
     Attributes:
-        layers: ``"auto"`` (discover and spread, as in the paper), a list of explicit
-            ``(target_name, guide_name)`` pairs, or ``{"target": spec, "guide": spec}`` where a
-            spec is ``"auto"``, a name pattern (``"encoder.layer.*"``) or a list of names/patterns;
-            the selected layers are then spread.
+        layers: ``"auto"`` (discover and spread, as in the paper), ``"paper"`` (the published
+            code's rule exactly, for reproduction runs: its layer types matched exactly, the last
+            hooked layer of each side dropped, one guide layer per target layer, the last landing
+            on it), a list of explicit ``(target_name, guide_name)`` pairs, or
+            ``{"target": spec, "guide": spec}`` where a spec is ``"auto"``, a name pattern
+            (``"encoder.layer.*"``) or a list of names/patterns; the selected layers are then spread.
         metric: a name from :func:`~guidewrap.metrics.available_metrics`, a
             :class:`~guidewrap.metrics.Metric` or a callable ``(x, y) -> distance``.
         weight: multiplier of the summed per-pair distances.
@@ -101,6 +103,8 @@ class GuidanceConfig:
             raise ConfigError(f"sequence must be one of {SEQUENCE_MODES}, got {self.sequence!r}")
         if self.distributed not in ("global", "local"):
             raise ConfigError(f"distributed must be 'global' or 'local', got {self.distributed!r}")
+        if self.layers == "paper" and self.layer_types is not None:
+            raise ConfigError("layers='paper' uses the published code's layer types; leave layer_types unset")
         if self.layer_types is not None:
             bad = [
                 t
@@ -145,7 +149,7 @@ class GuidanceConfig:
 
 
 def _validate_layers(layers: LayerSpec) -> LayerSpec:
-    if layers == "auto":
+    if layers in ("auto", "paper"):
         return layers
     if isinstance(layers, dict):
         if set(layers) != {"target", "guide"}:
@@ -169,6 +173,6 @@ def _validate_layers(layers: LayerSpec) -> LayerSpec:
             pairs.append((pair[0], pair[1]))
         return pairs
     raise ConfigError(
-        "layers must be 'auto', a non-empty list of (target_name, guide_name) pairs or "
+        "layers must be 'auto', 'paper', a non-empty list of (target_name, guide_name) pairs or "
         f"{{'target': ..., 'guide': ...}}, got {layers!r}"
     )

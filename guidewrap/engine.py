@@ -48,7 +48,7 @@ from .errors import (
 )
 from .hooks import HookSet, watch_double_count
 from .inputs import Routed, call_guide, first_tensor, float_dtype, noise_call, route
-from .layers import DEFAULT_LAYER_TYPES, LayerPlan, build_plan, check_names, layout_conflicts, probe
+from .layers import DEFAULT_LAYER_TYPES, PAPER_LAYER_TYPES, LayerPlan, build_plan, check_names, layout_conflicts, probe
 from .step import GuidedStep
 from .utils import unwrap_model
 
@@ -83,6 +83,8 @@ class GuidanceEngine:
         self.metric = config.metric
         self.schedule = config.schedule()
         self.layer_types = tuple(config.layer_types) if config.layer_types is not None else DEFAULT_LAYER_TYPES
+        if config.layers == "paper":
+            self.layer_types = PAPER_LAYER_TYPES
         self._freeze_guide()
         self._names = check_names(config.layers, self.target, self.guide)
         self._subsets = FeatureSubsets(config.max_features)

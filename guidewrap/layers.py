@@ -31,6 +31,7 @@ from .errors import LayerNotFoundError, PlanError
 
 __all__ = [
     "DEFAULT_LAYER_TYPES",
+    "PAPER_LAYER_TYPES",
     "LayerInfo",
     "LayerPair",
     "LayerPlan",
@@ -57,6 +58,20 @@ DEFAULT_LAYER_TYPES: tuple[type[nn.Module] | str, ...] = (
     nn.TransformerDecoderLayer,
     nn.LayerNorm,
     "Conv1D",
+)
+
+
+# layers="paper": the published code's hooked types, matched exactly (type(m) is the class, not a
+# subclass: MultiheadAttention's NonDynamicallyQuantizableLinear out_proj is not a Linear there).
+PAPER_LAYER_TYPES: tuple[str, ...] = (
+    "Conv2d",
+    "Linear",
+    "AdaptiveAvgPool2d",
+    "LSTM",
+    "RNN",
+    "TransformerDecoderLayer",
+    "LayerNorm",
+    "MultiheadAttention",
 )
 
 
@@ -392,6 +407,8 @@ def build_plan(
             pairs.append(_pair(t_info, g_info, sequence, notes))
         return _finish(LayerPlan(pairs, skipped, notes))
 
+    if layers == "paper":
+        return _paper_plan(target_layers, guide_layers, skipped, notes)
     _check_named_layers_ran(layers, {"target": target_layers, "guide": guide_layers})
     t_spec = layers["target"] if isinstance(layers, dict) else "auto"
     g_spec = layers["guide"] if isinstance(layers, dict) else "auto"
@@ -412,6 +429,39 @@ def build_plan(
             "layer and all of their terms are kept (the paper's code kept only the last)"
         )
     pairs = [_pair(t_good[ti], g, sequence, notes) for g, ti in zip(g_good, index, strict=True)]
+    return _finish(LayerPlan(pairs, skipped, notes))
+
+
+def _paper_plan(
+    target_layers: list[LayerInfo],
+    guide_layers: list[LayerInfo],
+    skipped: list[tuple[str, LayerInfo]],
+    notes: list[str],
+) -> LayerPlan:
+    """The published code's rule: its exact hooked types, the last hooked layer of each side dropped
+    (the logits), guide layer i to target layer round(i (n_t - 1) / (n_g - 1)), and of several
+    guide layers landing on one target layer only the last kept; flattened features."""
+    sides = []
+    for side, infos in (("target", target_layers), ("guide", guide_layers)):
+        good = [i for i in infos if i.skip_reason is None]
+        skipped.extend((side, i) for i in infos if i.skip_reason is not None)
+        if good:
+            last = good.pop()
+            last.skip_reason = "last hooked layer (the logits), dropped by the paper's rule"
+            skipped.append((side, last))
+        if not good:
+            raise PlanError(f"layers='paper' found no {side} layer of the paper's types {PAPER_LAYER_TYPES} to align")
+        sides.append(good)
+    t_good, g_good = sides
+    landing: dict[int, LayerInfo] = {}
+    for g, ti in zip(g_good, spread(len(t_good), len(g_good)), strict=True):
+        landing[ti] = g  # a later guide layer on the same target layer replaces the earlier one
+    if len(landing) < len(g_good):
+        notes.append(
+            f"paper rule: {len(g_good)} guide layers for {len(t_good)} target layers; of several guide layers "
+            "landing on one target layer only the last is kept"
+        )
+    pairs = [LayerPair(t_good[ti], g, "flatten") for ti, g in sorted(landing.items())]
     return _finish(LayerPlan(pairs, skipped, notes))
 
 
@@ -482,7 +532,7 @@ def check_names(layers: Any, target: nn.Module, guide: nn.Module) -> dict[str, l
         >>> check_names([("0", "0")], net, net)
         {'target': ['0'], 'guide': ['0']}
     """
-    if layers == "auto":
+    if layers in ("auto", "paper"):
         return {"target": None, "guide": None}
     if isinstance(layers, list):
         out: dict[str, list[str] | None] = {}
