@@ -95,7 +95,9 @@ def reduce_guide(
     hooks = HookSet()
     hooks.tap({name: modules[name] for name in wanted}, sink)
     try:
-        with torch.inference_mode():
+        # inference_mode is the cheapest; torch.compile cannot trace into it (a graph break), so
+        # under compile the guide runs under no_grad, which it traces.
+        with torch.no_grad() if torch.compiler.is_compiling() else torch.inference_mode():
             call_guide(guide, routed.guide_args, routed.guide_kwargs)
     finally:
         hooks.remove()

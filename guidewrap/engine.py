@@ -529,8 +529,9 @@ def _refuse_shared_modules(target: nn.Module, guide: nn.Module) -> None:
 
 
 def _reads_at_once(device: torch.device) -> bool:
-    """A host read of CPU values costs nothing: report skipped pairs at the step itself there."""
-    return device.type == "cpu"
+    """A host read of CPU values costs nothing: report skipped pairs at the step itself there (not
+    while torch.compile traces the step: a read would break its graph)."""
+    return device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 @dataclass

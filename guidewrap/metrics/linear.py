@@ -147,8 +147,13 @@ class CenteredSide:
         # which removes what rounding left of the offset.
         peak, varies = (torch.stack(t) for t in zip(*(_peak(x) for x in xs), strict=True))
         inv_scale, finite = _inverse_scale(peak)
-        # On CPU a host read is free; elsewhere it would stall the stream, so always rescale.
-        in_range = xs[0].device.type == "cpu" and bool(((peak > 1e-6) & (peak < 1e6)).all())
+        # On CPU a host read is free; elsewhere it would stall the stream (and under torch.compile
+        # break the graph), so always rescale there.
+        in_range = (
+            xs[0].device.type == "cpu"
+            and not torch.compiler.is_compiling()
+            and bool(((peak > 1e-6) & (peak < 1e6)).all())
+        )
         gram = _double_centre(_ScaledGrams.apply(inv_scale, in_range, *xs))
         side = cls("gram", gram, torch.linalg.matrix_norm(gram), finite & varies)
         return side[0] if squeeze else side
