@@ -81,9 +81,21 @@ def padded_together() -> tuple[torch.Tensor, torch.Tensor]:
 def dynamic(out: str, sequence: str) -> None:
     rank = dist.get_rank()
     target, guide = token_models()
-    guided = GuidedModel(target, guide, sequence=sequence)
+    left = sequence == "left"
+    guided = GuidedModel(target, guide, sequence="flatten" if left else sequence)
     model = DistributedDataParallel(guided)
     ids, mask = token_batches()[rank]
+    if left:  # the same batches padded on the left: positions no longer line up across processes
+        ids, mask = ids.flip(1), mask.flip(1)
+        from guidewrap.errors import ConfigError
+
+        try:
+            model(input_ids=ids, attention_mask=mask)
+        except ConfigError as exc:
+            torch.save({"error": str(exc)}, f"{out}/rank{rank}.pt")
+            return
+        torch.save({"error": None}, f"{out}/rank{rank}.pt")
+        return
     logits = model(input_ids=ids, attention_mask=mask)
     loss = logits[:, 0].pow(2).mean() + guided.alignment_loss  # position 0: the same under any padding
     loss.backward()

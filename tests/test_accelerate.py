@@ -126,3 +126,45 @@ def test_final_save_patterns_load_as_the_target_without_guidewrap(tmp_path: Path
     assert result.returncode == 0, result.stderr[-3000:]
     expected = sum(float(p.detach().double().sum()) for p in target.parameters())
     assert float(result.stdout.strip().splitlines()[-1]) == pytest.approx(expected, rel=1e-9)
+
+
+def test_the_documented_log_line_reaches_the_trackers() -> None:
+    """accelerator.log(guided.guidance_metrics(), step=...) hands every guidance value to the
+    Accelerator's trackers (a recording tracker stands in for TensorBoard / W&B)."""
+    from accelerate.tracking import GeneralTracker
+
+    class Recorder(GeneralTracker):
+        name, requires_logging_directory = "recorder", False
+        rows: list[tuple[dict, int]] = []
+
+        def __init__(self) -> None:
+            super().__init__()
+
+        @property
+        def tracker(self):  # noqa: ANN202
+            return self
+
+        def store_init_configuration(self, values: dict) -> None:
+            pass
+
+        def log(self, values: dict, step: int | None = None, **kwargs) -> None:  # noqa: ANN003
+            self.rows.append((dict(values), step))
+
+    recorder = Recorder()
+    accelerator = Accelerator(cpu=True, log_with=[recorder])
+    accelerator.init_trackers("guidewrap-test")
+    target, guide = mlp(), mlp(width=12)
+    optimizer = torch.optim.SGD(target.parameters(), lr=0.1)
+    guided = GuidedModel(target, guide, optimizer=optimizer)
+    model, optimizer = accelerator.prepare(guided, optimizer)
+    for _ in range(2):
+        loss = model(torch.randn(16, 8)).sum() + guided.alignment_loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        accelerator.log(guided.guidance_metrics(), step=guided.step_count)
+    accelerator.end_training()
+    assert [step for _, step in recorder.rows] == [1, 2]
+    row = recorder.rows[-1][0]
+    assert row["guidance_loss"] > 0 and row["guidance_weight"] == 1.0
+    assert any(key.startswith("guidance_align/") for key in row)

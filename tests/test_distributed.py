@@ -131,3 +131,9 @@ def test_the_accelerate_example_runs_with_dynamic_padding_under_two_processes() 
         assert "optimizer steps counted 4" in line and "largest guidance term 0.0000" not in line, line
     widths = [line.split("padded widths seen ")[1] for line in lines]
     assert widths[0] != widths[1], f"both processes saw the same padded widths: {widths}"
+
+
+def test_left_padding_with_per_process_lengths_is_refused_naming_the_fix(tmp_path: Path) -> None:
+    ranks = _launch(tmp_path, "dynamic-left")
+    for result in ranks:
+        assert result["error"] is not None and "Pad on the right" in result["error"], result
