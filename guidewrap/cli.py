@@ -56,6 +56,37 @@ def _load_model(spec: str, args: str | None) -> Any:
         raise CommandError(f"cannot build {spec} with ({args or ''}): {exc}") from exc
 
 
+def _cmd_guidability(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import lens
+    from .errors import ConfigError
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    guides: list[Any] = list(args.guides)
+    if args.ablate:
+        guides += list(lens.ablations(args.ablate).values())
+    if not guides:
+        raise CommandError("give --guides, --ablate, or both")
+    try:
+        result = lens.guidability(
+            args.targets, guides, args.task, args.steps, args.seeds, args.warmup, args.weight, args.align_steps,
+            out=args.out, progress=not args.quiet,
+        )  # fmt: skip
+    except ConfigError as exc:
+        raise CommandError(str(exc)) from exc
+    print(lens.format_table(result))
+    out = Path(args.out)
+    try:
+        lens.save_png(result, out / "guidability.png")
+    except ImportError:
+        print("(matplotlib is not installed: no PNG)")
+    print(f"{len(result['cells'])} cells x {len(args.seeds)} seeds in {result['seconds']:.0f} s; "
+          f"wrote {out / 'guidability.json'} and {out / 'guidability.png'}")  # fmt: skip
+    return 0
+
+
 def _parse_value(text: str) -> Any:
     for cast in (int, float):
         try:
@@ -256,6 +287,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="guidewrap-demo", help="output folder for the table and PNG")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_cmd_demo)
+
+    lens = sub.add_parser("guidability", help="the architecture lens: how easily each guide guides each target")
+    lens.add_argument("--targets", nargs="+", required=True, help="module:callable factories of the targets")
+    lens.add_argument("--guides", nargs="*", default=[], help="module:callable factories of the guides")
+    lens.add_argument("--ablate", choices=["resnet1d", "transformer1d"], help="add this guide and its ablations")
+    lens.add_argument("--task", default="mnist1d", choices=["mnist1d"], help="built-in offline task")
+    lens.add_argument("--steps", type=int, default=300, help="training steps per run (default 300)")
+    lens.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    lens.add_argument("--warmup", type=int, help="steps of the short guidance window (default steps // 5)")
+    lens.add_argument("--weight", type=float, default=1.0, help="guidance weight, divided by the pairs of a cell")
+    lens.add_argument("--align-steps", type=int, default=100, help="alignment-only steps for alignability")
+    lens.add_argument("--out", default="lens", help="output folder (JSON, PNG, per-cell results)")
+    lens.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    lens.add_argument("--quiet", action="store_true", help="no progress bar")
+    lens.set_defaults(func=_cmd_guidability)
 
     plan = sub.add_parser("plan", help="print the layer pairs guidance would align for two models")
     _add_model_args(plan, "target", "guide")

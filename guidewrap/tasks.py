@@ -35,6 +35,9 @@ from torch import Tensor, nn
 from .model import GuidedModel
 
 __all__ = [
+    "Transformer1d",
+    "resnet1d",
+    "transformer1d",
     "VARIANTS",
     "DEMO_PAIRS",
     "DEMO_WEIGHT",
@@ -140,6 +143,100 @@ def cnn1d(depth: int = 6, channels: int = 32, length: int = 40, classes: int = 1
         layers += [nn.Conv1d(1 if i == 0 else channels, channels, 3, stride=stride, padding=1), nn.ReLU()]
         length = (length - 1) // stride + 1
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels * length, classes))
+
+
+class _Block1d(nn.Module):
+    """Conv-(BN)-ReLU-Conv-(BN) with an optional identity shortcut (a ResNet basic block in 1-D)."""
+
+    def __init__(self, channels: int, kernel: int, norm: bool, skip: bool) -> None:
+        super().__init__()
+        pad = kernel // 2
+        self.conv1 = nn.Conv1d(channels, channels, kernel, padding=pad)
+        self.bn1 = nn.BatchNorm1d(channels) if norm else nn.Identity()
+        self.conv2 = nn.Conv1d(channels, channels, kernel, padding=pad)
+        self.bn2 = nn.BatchNorm1d(channels) if norm else nn.Identity()
+        self.skip = skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(h + x if self.skip else h)
+
+
+def resnet1d(
+    blocks: int = 3,
+    channels: int = 32,
+    classes: int = 10,
+    skip: bool = True,
+    norm: bool = True,
+    kernel: int = 3,
+    pool: bool = True,
+) -> nn.Sequential:
+    """A small 1-D ResNet for MNIST-1D whose components can be switched off one at a time (the
+    architecture lens's ablations): ``skip`` connections, BatchNorm (``norm``), the ``kernel`` size
+    (1: no spatial mixing) and the global average ``pool`` (off: the classifier reads every position).
+
+    Examples:
+        >>> resnet1d(blocks=1, channels=4)(torch.randn(3, 40)).shape
+        torch.Size([3, 10])
+        >>> resnet1d(blocks=1, channels=4, pool=False)(torch.randn(3, 40)).shape
+        torch.Size([3, 10])
+    """
+    stem = [nn.Conv1d(1, channels, kernel, padding=kernel // 2), nn.BatchNorm1d(channels) if norm else nn.Identity()]
+    body = [_Block1d(channels, kernel, norm, skip) for _ in range(blocks)]
+    head = [nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(channels, classes)] if pool else [
+        nn.Flatten(), nn.Linear(channels * 40, classes)]  # fmt: skip
+    return nn.Sequential(_Unsqueeze(), *stem, nn.ReLU(), *body, *head)
+
+
+class _TransformerBlock(nn.Module):
+    """Pre-norm self-attention (optional) and MLP, batch first."""
+
+    def __init__(self, d: int, heads: int, attention: bool) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True) if attention else None
+        self.norm2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.attn is not None:
+            h = self.norm1(x)
+            x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer1d(nn.Module):
+    """A small Transformer over the 40 points of an MNIST-1D signal (one token each), mean-pooled.
+    ``positional=False`` drops the learned positional embedding, ``attention=False`` the
+    self-attention (leaving per-token MLPs): the lens's Transformer ablations."""
+
+    def __init__(
+        self, layers: int = 2, d: int = 32, heads: int = 4, classes: int = 10, positional: bool = True,
+        attention: bool = True,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.embed = nn.Linear(1, d)
+        self.position = nn.Parameter(torch.randn(40, d) * 0.02) if positional else None
+        self.blocks = nn.ModuleList(_TransformerBlock(d, heads, attention) for _ in range(layers))
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x.unsqueeze(-1))
+        if self.position is not None:
+            h = h + self.position[: h.shape[1]]
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h.mean(1))
+
+
+def transformer1d(**settings: Any) -> Transformer1d:
+    """:class:`Transformer1d` with the given settings.
+
+    Examples:
+        >>> transformer1d(layers=1, d=8, heads=2)(torch.randn(3, 40)).shape
+        torch.Size([3, 10])
+    """
+    return Transformer1d(**settings)
 
 
 @dataclass
