@@ -42,7 +42,8 @@ def test_the_gain_is_the_paired_difference_of_two_runs_on_identical_batches() ->
 
 
 def _signature(model: nn.Module) -> list[tuple[str, str, tuple]]:
-    return [(n, type(m).__name__, tuple(p.shape for p in m.parameters(recurse=False))) for n, m in model.named_modules()]
+    modules = model.named_modules()
+    return [(n, type(m).__name__, tuple(p.shape for p in m.parameters(recurse=False))) for n, m in modules]
 
 
 def test_each_resnet_ablation_lacks_exactly_its_component() -> None:
