@@ -47,7 +47,7 @@ from .errors import ConfigError
 from .model import GuidedModel
 from .tasks import RunResult, accuracy, fit, random_batches
 
-__all__ = ["Task", "ablations", "guidability", "load_factory", "format_table", "save_png"]
+__all__ = ["Task", "ablations", "guidability", "load_factory", "format_table", "save_png", "symmetric_alignability"]
 
 Factory = Callable[[], nn.Module]
 
@@ -281,9 +281,29 @@ def guidability(
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "seconds": round(time.perf_counter() - start, 1), "cells": cells,
     }  # fmt: skip
+    result["symmetric"] = symmetric_alignability(result)
     if out is not None:
         (Path(out) / "guidability.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def symmetric_alignability(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """For each pair of models measured in both directions (A guiding B and B guiding A), the mean
+    of the two final alignabilities, and each direction's value.
+
+    Examples:
+        >>> cell = lambda t, g, v: {"target": t, "guide": g, "summary": {"align_final": [v, 0.0]}}
+        >>> symmetric_alignability({"cells": [cell("a", "b", 0.9), cell("b", "a", 0.7), cell("a", "a", 1.0)]})
+        [{'models': ['a', 'b'], 'align_final': 0.8, 'a_guides_b': 0.7, 'b_guides_a': 0.9}]
+    """
+    final = {(c["target"], c["guide"]): c["summary"]["align_final"][0] for c in result["cells"]}
+    out = []
+    for (t, g), value in final.items():
+        if t < g and (g, t) in final:
+            back = final[(g, t)]
+            out.append({"models": [t, g], "align_final": round((value + back) / 2, 6),
+                        f"{t}_guides_{g}": back, f"{g}_guides_{t}": value})  # fmt: skip
+    return out
 
 
 def _kappa(a: Tensor, b: Tensor, labels: Tensor) -> float:
@@ -324,8 +344,8 @@ def format_table(result: dict[str, Any]) -> str:
 
     Examples:
         >>> cell = {"target": "a", "guide": "b", "summary": {k: [0.5, 0.1] for k in COLUMNS}}
-        >>> print(format_table({"cells": [cell], "seeds": [0, 1]}).splitlines()[2][:40])
-        | a | b | +0.500 +- 0.100 | +0.500 +
+        >>> print(format_table({"cells": [cell], "seeds": [0, 1]}).splitlines()[2][:27])
+        | a | b | +0.500 +- 0.100
     """
     head = "| target | guide | " + " | ".join(COLUMNS) + " |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
