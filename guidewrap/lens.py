@@ -345,7 +345,7 @@ def format_table(result: dict[str, Any]) -> str:
     Examples:
         >>> cell = {"target": "a", "guide": "b", "summary": {k: [0.5, 0.1] for k in COLUMNS}}
         >>> print(format_table({"cells": [cell], "seeds": [0, 1]}).splitlines()[2][:27])
-        | a | b | +0.500 +- 0.100
+        | a | b | +0.500 +- 0.100 |
     """
     head = "| target | guide | " + " | ".join(COLUMNS) + " |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
