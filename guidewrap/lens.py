@@ -218,7 +218,8 @@ def guidability(
     untrained models; ``task`` is a :class:`Task` or ``"mnist1d"``. ``warmup`` (default ``steps // 5``)
     is the short window. With ``out``, each cell is saved to ``out/cells/`` as it finishes (an
     interrupted run resumes) and ``guidability.json`` is written at the end. Returns that dict:
-    settings, runtime and per cell its per-seed values plus mean and std of each measure.
+    settings, runtime (``seconds``: this call, in which ``resumed_cells`` cells were read from ``out``
+    rather than measured) and per cell its per-seed values plus mean and std of each measure.
     """
     if not targets or not guides:
         raise ConfigError("guidability needs at least one target and one guide factory")
@@ -236,12 +237,13 @@ def guidability(
     bar = _progress(len(t_specs) * len(seeds) * (1 + 3 * len(g_specs)), progress)
     start = time.perf_counter()
     baselines: dict[tuple[str, int], tuple[RunResult, Tensor]] = {}
-    cells = []
+    cells, resumed = [], 0
     for t_name, t_factory in t_specs:
         for g_name, g_factory in g_specs:
             saved = cells_dir / f"{t_name}__{g_name}.json" if cells_dir is not None else None
             if saved is not None and saved.exists():
                 cells.append(json.loads(saved.read_text()))
+                resumed += 1
                 bar(3 * len(seeds))
                 continue
             per_seed = []
@@ -279,7 +281,7 @@ def guidability(
         "task": task.name, "steps": steps, "seeds": list(seeds), "warmup": warmup, "weight": weight,
         "weight_rule": "weight / pairs per cell", "align_steps": align_steps, "eval_every": eval_every,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "seconds": round(time.perf_counter() - start, 1), "cells": cells,
+        "seconds": round(time.perf_counter() - start, 1), "resumed_cells": resumed, "cells": cells,
     }  # fmt: skip
     result["symmetric"] = symmetric_alignability(result)
     if out is not None:
