@@ -54,7 +54,10 @@ Factory = Callable[[], nn.Module]
 
 @dataclass
 class Task:
-    """A classification task: training rows, a validation and a test split, batch size and loss.
+    """A classification task: training rows, a validation and a test split (scored by accuracy), the
+    batch size, the learning rate, the task ``loss(output, labels)`` and, optionally, ``batches``: a
+    factory ``seed -> batches(step)`` of your own (any iterator of ``(inputs, labels)``; it must give
+    the same batches for the same seed).
 
     Examples:
         >>> Task.random(classes=2, features=3, train=8).x.shape
@@ -70,6 +73,13 @@ class Task:
     y_test: Tensor
     batch: int = 128
     lr: float = 1e-3
+    loss: Callable[[Any, Tensor], Tensor] = nn.functional.cross_entropy
+    batches: Callable[[int], Callable[[int], tuple[Any, Tensor]]] | None = None
+
+    def stream(self, seed: int) -> Callable[[int], tuple[Any, Tensor]]:
+        """``batches(step)`` for one seed: the task's own iterator factory if it has one, else random
+        rows of ``x``/``y``. The same seed always gives the same batches (paired runs)."""
+        return self.batches(seed) if self.batches is not None else random_batches(self.x, self.y, self.batch, seed)
 
     @classmethod
     def mnist1d(cls, train_samples: int = 2000, batch: int = 128) -> Task:
@@ -170,9 +180,8 @@ def _train(task: Task, target: nn.Module, guide: nn.Module | None, seed: int, st
                                                         (task.x_test, task.y_test))]  # fmt: skip
             curve.append((step, *accs))  # type: ignore[arg-type]
 
-    batches = random_batches(task.x, task.y, task.batch, seed)
     mode = "none" if guide is None else "guided"
-    fit(target, batches, nn.functional.cross_entropy, steps, guide, mode, lr=task.lr, clip=None, callback=evaluate,
+    fit(target, task.stream(seed), task.loss, steps, guide, mode, lr=task.lr, clip=None, callback=evaluate,
         **guidance)  # fmt: skip
     with torch.no_grad():
         predictions = target.eval()(task.x_test).argmax(1)
@@ -182,7 +191,7 @@ def _train(task: Task, target: nn.Module, guide: nn.Module | None, seed: int, st
 def _alignability(task: Task, target: nn.Module, guide: nn.Module, seed: int, steps: int) -> dict[str, float]:
     """Alignment-only training on the task's inputs: mean CKA at the start, the end, and on average."""
     guided = GuidedModel(target, guide)
-    batches = random_batches(task.x, task.y, task.batch, seed)
+    batches = task.stream(seed)
     opt = torch.optim.Adam(target.parameters(), lr=task.lr)
     target.train()
     curve = []
