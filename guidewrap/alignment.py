@@ -1,10 +1,11 @@
 """The metric side of a guided step: reduce the guide's layers, shape the target's, sum the term.
 
-:func:`reduce_guide` runs the frozen guide once under ``torch.inference_mode`` with a tap on each
-planned guide layer that keeps only the metric's reduced form (a centred Gram or centred features
-for CKA). :func:`alignment_term` turns the captured target outputs into feature matrices (each
-target layer once), runs same-shaped pairs as one batched problem, and returns the weighted sum
-of per-pair distances together with each pair's value and whether it could be measured.
+:func:`reduce_guide` runs the frozen guide once under ``torch.inference_mode``; the engine's tap on
+each planned guide layer hands its output to a sink that keeps only the metric's reduced form (a
+centred Gram or centred features for CKA). :func:`alignment_term` turns the captured target
+outputs into feature matrices (each target layer once), runs same-shaped pairs as one batched
+problem, and returns the weighted sum of per-pair distances together with each pair's value and
+whether it could be measured.
 
 Examples:
     >>> import torch
@@ -26,12 +27,11 @@ from torch import Tensor, nn
 
 from .capture import extract, features, lengths_to_mask
 from .errors import BatchSizeMismatchError, MetricError
-from .hooks import HookSet
 from .inputs import Routed, call_guide
 from .layers import LayerPlan
 from .metrics import Metric
 
-__all__ = ["FeatureSubsets", "Term", "reduce_guide", "alignment_term"]
+__all__ = ["FeatureSubsets", "SinkSlot", "Term", "reduce_guide", "alignment_term"]
 
 # shape(x, w, side, layer): the feature subset, then the distributed gather (differentiable on the
 # target side); returns the features and sample weights the metric sees.
@@ -61,12 +61,29 @@ class FeatureSubsets:
         return x.index_select(-1, index)
 
 
+class SinkSlot:
+    """Where the guide's persistent taps send layer outputs: the current step's sink, or nowhere.
+
+    The taps stay on the guide for the whole window (installing hooks in every step would break a
+    ``torch.compile`` graph each time); only while :func:`reduce_guide` runs is a sink plugged in,
+    so a user's own forward of the guide is not captured.
+    """
+
+    def __init__(self) -> None:
+        self.current: Callable[[str, Any], None] | None = None
+
+    def __call__(self, name: str, output: Any) -> None:
+        if self.current is not None:
+            self.current(name, output)
+
+
 def reduce_guide(
-    guide: nn.Module, plan: LayerPlan, metric: Metric, routed: Routed, shape: Shaper
+    guide: nn.Module, plan: LayerPlan, metric: Metric, routed: Routed, shape: Shaper, slot: SinkSlot
 ) -> dict[tuple[str, str], Any]:
     """Run the guide once; per planned guide layer and mode, keep only ``metric.prepare``'s result.
 
-    ``shape`` applies the feature subset and the distributed gather (see ``Shaper``).
+    ``shape`` applies the feature subset and the distributed gather (see ``Shaper``); ``slot`` is
+    the :class:`SinkSlot` the guide's taps (installed by the engine) report to.
     """
     wanted: dict[str, set[str]] = {}
     for pair in plan:
@@ -91,16 +108,14 @@ def reduce_guide(
 
     if guide.training:
         guide.eval()  # the guide stays in eval mode whatever the caller did
-    modules = dict(guide.named_modules())
-    hooks = HookSet()
-    hooks.tap({name: modules[name] for name in wanted}, sink)
+    slot.current = sink
     try:
         # inference_mode is the cheapest; torch.compile cannot trace into it (a graph break), so
         # under compile the guide runs under no_grad, which it traces.
         with torch.no_grad() if torch.compiler.is_compiling() else torch.inference_mode():
             call_guide(guide, routed.guide_args, routed.guide_kwargs)
     finally:
-        hooks.remove()
+        slot.current = None
     # Out of inference mode: autograd may save these for the target's backward.
     return {key: metric.clone_prepared(value) for key, value in prepared.items()}
 

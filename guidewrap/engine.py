@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
-from .alignment import FeatureSubsets, alignment_term, reduce_guide
+from .alignment import FeatureSubsets, SinkSlot, alignment_term, reduce_guide
 from .config import GuidanceConfig
 from .errors import (
     ConfigError,
@@ -95,7 +95,8 @@ class GuidanceEngine:
         self.step_count = 0
         self.on_step: Callable[[int], None] | None = None
         self._plan: LayerPlan | None = None
-        self._taps = HookSet()  # on the target's planned layers, while the window lasts
+        self._taps = HookSet()  # on the planned layers of target and guide, while the window lasts
+        self._guide_slot = SinkSlot()
         self._optimizer_hooks = HookSet()
         self._step: GuidedStep | None = None
         self.busy = False  # set while the engine itself runs the target (probe, noise pass)
@@ -117,6 +118,7 @@ class GuidanceEngine:
         # taps at its first guided step, and is not attached to the original's optimizer.
         state = dict(self.__dict__)
         state.update(_step=None, _loss=None, _unread=None, _taps=HookSet(), _optimizer_hooks=HookSet())
+        state.update(_guide_slot=SinkSlot())
         state.update(on_step=None, busy=False)
         return state
 
@@ -255,7 +257,8 @@ class GuidanceEngine:
             self.counters["guided_forwards"] += 1
         if self.config.add_to_output_loss:
             with_term = _add_to_loss(output, self._loss)
-            if with_term is not None and self._double_count_checks and self._loss.requires_grad:
+            checking = self._double_count_checks and not torch.compiler.is_compiling()  # a diagnostic only
+            if with_term is not None and checking and self._loss.requires_grad:
                 self._double_count_checks -= 1  # the first steps show the pattern; later ones cost nothing
                 watch_double_count(with_term, self._loss)
         return output
@@ -286,7 +289,7 @@ class GuidanceEngine:
         plan = self._plan
         self._install_taps(plan)
         step = GuidedStep(routed)
-        step.prepared = reduce_guide(self.guide, plan, self.metric, routed, self._shape)
+        step.prepared = reduce_guide(self.guide, plan, self.metric, routed, self._shape, self._guide_slot)
         self.counters["guide_forwards"] += 1
         return step
 
@@ -352,6 +355,10 @@ class GuidanceEngine:
         modules = dict(self.target.named_modules())
         names = dict.fromkeys(p.target.name for p in plan)
         self._taps.tap({name: modules[name] for name in names}, self._capture)
+        guide_modules = dict(self.guide.named_modules())
+        self._taps.tap(
+            {name: guide_modules[name] for name in dict.fromkeys(p.guide.name for p in plan)}, self._guide_slot
+        )
 
     def _capture(self, name: str, output: Any) -> None:
         if self._step is not None:

@@ -792,3 +792,24 @@ def test_layers_agree_on_the_batch_axis_when_the_length_equals_the_batch() -> No
         a, b = t_ref[pair.target.name], g_ref[pair.guide.name]
         want = linear_cka_textbook(a - a.mean(0), b - b.mean(0)).item()
         assert guided.last_alignment[pair.key] == pytest.approx(want, abs=1e-4), pair.key
+
+
+def test_a_compiled_guided_step_has_no_graph_break() -> None:
+    """After the first (planning) step, a guided step traced by torch.compile is one graph: no host
+    reads of values, no hooks installed per step, the guide under no_grad while tracing."""
+    torch.manual_seed(0)
+    target = nn.Sequential(nn.Flatten(), nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    guide = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(128, 10))  # fmt: skip
+    guided = GuidedModel(target, guide)
+    x = torch.randn(32, 3, 4, 4)
+    guided(x)  # plans the layers and installs the taps
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        return guided(x).sum() + guided.alignment_loss
+
+    explained = torch._dynamo.explain(step)(x)
+    reasons = [r.reason.splitlines()[0] for r in explained.break_reasons]
+    assert explained.graph_break_count == 0, reasons
+    eager = step(x)
+    assert torch.isfinite(eager) and guided.last_alignment  # values are read after the step, eagerly
