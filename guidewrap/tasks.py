@@ -393,7 +393,23 @@ def fit(
     elif mode == "distill":
         guide.eval().requires_grad_(False)  # type: ignore[union-attr]
     target.train()
-    losses = []
+    losses: list[float] = []
+    try:
+        _train_steps(model, target, guided, guide, mode, batches, loss_fn, steps, opt, clip, logits, progress, callback,
+                     losses)  # fmt: skip
+    finally:
+        if guided is not None:
+            guided.close()  # no hook stays on the target or on a guide shared with later runs
+    target.eval()
+    return losses
+
+
+def _train_steps(
+    model: nn.Module, target: nn.Module, guided: GuidedModel | None, guide: nn.Module | None, mode: str,
+    batches: Callable[[int], tuple[Any, Any]], loss_fn: Callable[[Any, Any], Tensor], steps: int,
+    opt: torch.optim.Optimizer, clip: float | None, logits: Callable[[Any], Tensor],
+    progress: Callable[[int], Any] | None, callback: Callable[[int], Any] | None, losses: list[float],
+) -> None:  # fmt: skip
     for step in range(steps):
         inputs, labels = batches(step)
         out = _call(model, inputs)
@@ -411,8 +427,6 @@ def fit(
             progress(1)
         if callback is not None:
             callback(step + 1)
-    target.eval()
-    return losses
 
 
 def _extra_loss(
