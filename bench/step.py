@@ -32,7 +32,7 @@ from torch import nn
 from guidewrap import GuidedModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # float64 references
-from reference import linear_cka_textbook  # noqa: E402
+from reference import capture_outputs, linear_cka_textbook  # noqa: E402
 
 
 def deep_fcn(depth: int = 24, width: int = 1024, d_in: int = 3 * 32 * 32, classes: int = 10) -> nn.Sequential:
@@ -40,18 +40,6 @@ def deep_fcn(depth: int = 24, width: int = 1024, d_in: int = 3 * 32 * 32, classe
     for i in range(depth):
         layers += [nn.Linear(d_in if i == 0 else width, width), nn.BatchNorm1d(width), nn.ReLU()]
     return nn.Sequential(*layers, nn.Linear(width, classes))
-
-
-def _capture(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
-    modules = dict(model.named_modules())
-    out: dict[str, torch.Tensor] = {}
-    handles = [modules[n].register_forward_hook(lambda m, i, o, n=n: out.__setitem__(n, o)) for n in names]
-    try:
-        model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return out
 
 
 class LSTMStack(nn.Module):
@@ -113,11 +101,11 @@ def make_steps(
 
     def paper_recipe() -> None:
         loss = loss_fn(target(x))
-        feats = _capture(target, sorted({t for t, _ in pairs}), x)  # second, hooked target forward
+        feats = capture_outputs(target, {t for t, _ in pairs}, lambda: target(x))  # second, hooked target forward
         with torch.no_grad():
-            g_feats = _capture(guide, sorted({g for _, g in pairs}), x)
+            g_feats = capture_outputs(guide, {g for _, g in pairs}, lambda: guide(x))
         for t_name, g_name in pairs:
-            t_out, g_out = (_first(feats[t_name]), _first(g_feats[g_name]))
+            t_out, g_out = feats[t_name], g_feats[g_name]
             loss = loss + 1 - linear_cka_textbook(t_out.flatten(1), g_out.flatten(1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -152,10 +140,6 @@ def time_case(
             fn()
             times[name].append(time.perf_counter() - start)
     return {k: statistics.median(v) for k, v in times.items()}, n_pairs
-
-
-def _first(out: object) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out  # type: ignore[index,return-value]
 
 
 def _report(title: str, med: dict[str, float]) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import BatchSizeMismatchError
+from .errors import BatchSizeMismatchError, ConfigError
 
 __all__ = ["world_size", "gather"]
 
@@ -66,17 +66,17 @@ def gather(
             "use drop_last=True or distributed='local'"
         )
     largest = [int(v) for v in sizes.max(0).values]
-    if left_padded and any(list(s) != largest for s in sizes.tolist()):
-        from .errors import ConfigError
-
+    uneven = any(list(s) != largest for s in sizes.tolist())
+    if left_padded and uneven:
         raise ConfigError(
             "dynamic padding on the left with a different length on each process: token positions do not line "
             "up across processes, so global-batch CKA cannot compare them. Pad on the right (tokenizer.padding_side "
             "= 'right'), pad every batch to one length, use sequence='mean', or distributed='local'"
         )
+    if uneven and x.dim() == 3 and w is None:
+        # Token-wise positions some process lacks get weight 0: every process then sends weights.
+        w = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
     if list(x.shape) != largest:
-        if x.dim() == 3 and w is None:  # token-wise positions this process lacks: weight 0
-            w = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         x, w = _pad_to(x, largest), (None if w is None else _pad_to(w.to(torch.uint8), largest[: w.dim()]).bool())
     if differentiable:
         gathered = _GatherSamples.apply(x.contiguous())
@@ -84,8 +84,6 @@ def gather(
         parts = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(parts, x.contiguous())
         gathered = torch.cat(parts, dim=-2)
-    if w is None and x.dim() == 3 and any(list(s) != largest for s in sizes.tolist()):
-        w = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)  # others padded, this one did not
     if w is None:
         return gathered, None
     w_parts = [torch.empty_like(w) for _ in range(world)]

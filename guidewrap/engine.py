@@ -271,7 +271,8 @@ class GuidanceEngine:
     def _open_step(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> GuidedStep:
         routed = self._route(args, kwargs)
         self._target_float = float_dtype(self.target)
-        if not self._warned_tiny_batch and routed.n * distributed.world_size(self.config.distributed) == 2:
+        world = distributed.world_size(self.config.distributed)
+        if not self._warned_tiny_batch and routed.n * world == 2:
             self._warned_tiny_batch = True
             warnings.warn(
                 "guided step on a batch of 2 samples: centred features of 2 samples have rank 1, so CKA is 1 "
@@ -281,7 +282,7 @@ class GuidanceEngine:
             )
         if not self._padding_checked and routed.mask is not None and routed.mask.dim() == 2:
             self._padding_checked = True  # the collator's padding side does not change: one host read
-            if distributed.world_size(self.config.distributed) > 1:
+            if world > 1:
                 mask = routed.mask
                 self._left_padded = bool(((mask[:, 0] == 0) & (mask[:, -1] != 0)).any())
         if self._plan is None:

@@ -443,9 +443,8 @@ def _paper_plan(
     guide layers landing on one target layer only the last kept; flattened features."""
     sides = []
     for side, infos in (("target", target_layers), ("guide", guide_layers)):
-        good = [i for i in infos if i.skip_reason is None]
-        skipped.extend((side, i) for i in infos if i.skip_reason is not None)
-        if good:
+        good = _usable(infos, side, False, False, skipped)
+        if good:  # dropped even when it is the only layer, as the published code does
             last = good.pop()
             last.skip_reason = "last hooked layer (the logits), dropped by the paper's rule"
             skipped.append((side, last))

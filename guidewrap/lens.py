@@ -256,6 +256,7 @@ def guidability(
                 bar(3 * len(seeds))
                 continue
             per_seed = []
+            n_pairs = 0  # the plan depends on the two architectures only: counted on the first seed
             for seed in seeds:
                 if (t_name, seed) not in baselines:
                     baselines[(t_name, seed)] = _train(task, _build(t_factory, t_name, seed), None, seed, steps,
@@ -265,7 +266,7 @@ def guidability(
                 guide = _build(g_factory, g_name, 10_000 + seed).eval()
                 with torch.no_grad():
                     guide_pred = guide(task.x_test).argmax(1)
-                n_pairs = len(GuidedModel(_build(t_factory, t_name, seed), guide).plan(task.x[: task.batch]))
+                n_pairs = n_pairs or len(GuidedModel(_build(t_factory, t_name, seed), guide).plan(task.x[: task.batch]))
                 runs = {}
                 for label, window in (("full", None), ("warmup", warmup)):
                     runs[label] = _train(task, _build(t_factory, t_name, seed), guide, seed, steps, eval_every,

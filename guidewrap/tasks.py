@@ -395,38 +395,28 @@ def fit(
     target.train()
     losses: list[float] = []
     try:
-        _train_steps(model, target, guided, guide, mode, batches, loss_fn, steps, opt, clip, logits, progress, callback,
-                     losses)  # fmt: skip
+        for step in range(steps):
+            inputs, labels = batches(step)
+            out = _call(model, inputs)
+            task = loss_fn(out, labels)
+            loss = task + _extra_loss(out, inputs, guided, guide if mode == "distill" else None, logits)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"non-finite loss at step {step} ({mode})")
+            opt.zero_grad()
+            loss.backward()
+            if clip is not None:
+                nn.utils.clip_grad_norm_(target.parameters(), clip)
+            opt.step()
+            losses.append(task.item())
+            if progress is not None:
+                progress(1)
+            if callback is not None:
+                callback(step + 1)
     finally:
         if guided is not None:
             guided.close()  # no hook stays on the target or on a guide shared with later runs
     target.eval()
     return losses
-
-
-def _train_steps(
-    model: nn.Module, target: nn.Module, guided: GuidedModel | None, guide: nn.Module | None, mode: str,
-    batches: Callable[[int], tuple[Any, Any]], loss_fn: Callable[[Any, Any], Tensor], steps: int,
-    opt: torch.optim.Optimizer, clip: float | None, logits: Callable[[Any], Tensor],
-    progress: Callable[[int], Any] | None, callback: Callable[[int], Any] | None, losses: list[float],
-) -> None:  # fmt: skip
-    for step in range(steps):
-        inputs, labels = batches(step)
-        out = _call(model, inputs)
-        task = loss_fn(out, labels)
-        loss = task + _extra_loss(out, inputs, guided, guide if mode == "distill" else None, logits)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"non-finite loss at step {step} ({mode})")
-        opt.zero_grad()
-        loss.backward()
-        if clip is not None:
-            nn.utils.clip_grad_norm_(target.parameters(), clip)
-        opt.step()
-        losses.append(task.item())
-        if progress is not None:
-            progress(1)
-        if callback is not None:
-            callback(step + 1)
 
 
 def _extra_loss(

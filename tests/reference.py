@@ -7,8 +7,11 @@ deliberately slow.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import Any
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def hsic_textbook(k: Tensor, l: Tensor) -> Tensor:  # noqa: E741 - the textbook's name
@@ -52,3 +55,29 @@ def debiased_cka_textbook(x: Tensor, y: Tensor) -> Tensor:
 
     kx, ky = x @ x.T, y @ y.T
     return hsic_u(kx, ky) / torch.sqrt(hsic_u(kx, kx) * hsic_u(ky, ky))
+
+
+def first_tensor_of(output: Any) -> Tensor:
+    """The activation in a module's output: the output itself, or the first entry of a tuple
+    (``nn.LSTM``'s ``(output, (h, c))``) or mapping (a Hugging Face ``ModelOutput``), recursively."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping):
+        output = [v for v in output.values() if isinstance(v, (Tensor, tuple, list, Mapping))]
+    return first_tensor_of(output[0])
+
+
+def capture_outputs(model: nn.Module, names: set[str] | list[str], call: Callable[[], Any]) -> dict[str, Tensor]:
+    """Run ``call()`` with the test's own forward hooks on ``model``'s named layers and return each
+    layer's activation (independent of guidewrap's capture); the hooks are always removed."""
+    out: dict[str, Tensor] = {}
+    handles = [
+        model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: out.__setitem__(n, first_tensor_of(o)))
+        for n in names
+    ]
+    try:
+        call()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out

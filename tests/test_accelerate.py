@@ -44,17 +44,24 @@ def test_accelerate_example_smoke(precision: str) -> None:
     assert result["guidance_steps"] == 4  # optimizer steps, not the 8 accumulated micro-batches
 
 
+def _train(accelerator: Accelerator, model, guided: GuidedModel, optimizer, steps: int, log: bool = False) -> None:  # noqa: ANN001
+    """A plain Accelerate loop on an 8-feature MLP; ``log``: the documented accelerator.log line."""
+    for _ in range(steps):
+        loss = model(torch.randn(16, 8)).sum() + guided.alignment_loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        if log:
+            accelerator.log(guided.guidance_metrics(), step=guided.step_count)
+
+
 def test_save_state_load_state_restores_the_step_counter(tmp_path: Path) -> None:
     accelerator = Accelerator(cpu=True)
     target, guide = mlp(), mlp(width=12)
     optimizer = torch.optim.SGD(target.parameters(), lr=0.1)
     guided = GuidedModel(target, guide, until_step=10, optimizer=optimizer)
     model, optimizer = accelerator.prepare(guided, optimizer)
-    for _ in range(3):
-        loss = model(torch.randn(16, 8)).sum() + guided.alignment_loss
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad()
+    _train(accelerator, model, guided, optimizer, steps=3)
     assert guided.step_count == 3
     accelerator.save_state(str(tmp_path))
     fresh_accelerator = Accelerator(cpu=True)
@@ -157,12 +164,7 @@ def test_the_documented_log_line_reaches_the_trackers() -> None:
     optimizer = torch.optim.SGD(target.parameters(), lr=0.1)
     guided = GuidedModel(target, guide, optimizer=optimizer)
     model, optimizer = accelerator.prepare(guided, optimizer)
-    for _ in range(2):
-        loss = model(torch.randn(16, 8)).sum() + guided.alignment_loss
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad()
-        accelerator.log(guided.guidance_metrics(), step=guided.step_count)
+    _train(accelerator, model, guided, optimizer, steps=2, log=True)
     accelerator.end_training()
     assert [step for _, step in recorder.rows] == [1, 2]
     row = recorder.rows[-1][0]

@@ -322,21 +322,9 @@ class _Seq(nn.Module):
 def _fuzz_reference(model: nn.Module, names: set[str], call: Callable[[], object]) -> dict[str, torch.Tensor]:
     """Each named layer's output as float64 (n, features), laid out by what the test knows: the
     sequence families' 3-D outputs are (T, n, d) when built sequence-first."""
-    out: dict[str, torch.Tensor] = {}
+    from reference import capture_outputs
 
-    def keep(name: str) -> Callable[..., None]:
-        def hook(_m: nn.Module, _i: object, o: object) -> None:
-            out[name] = o[0] if isinstance(o, tuple) else o  # type: ignore[index,assignment]
-
-        return hook
-
-    handles = [model.get_submodule(n).register_forward_hook(keep(n)) for n in names]
-    try:
-        with torch.no_grad():
-            call()
-    finally:
-        for h in handles:
-            h.remove()
+    out = capture_outputs(model, names, torch.no_grad()(call))
     seq_first = getattr(model, "seq_first", False)
     return {n: (t.transpose(0, 1) if seq_first and t.dim() == 3 else t).flatten(1).double() for n, t in out.items()}
 
@@ -694,24 +682,11 @@ def _seq_first_encoder(d: int = 6) -> nn.Module:
 
 def _reference_alignment(target: nn.Module, guide: nn.Module, plan, x: torch.Tensor, gx: torch.Tensor) -> dict:  # noqa: ANN001
     """Per-pair CKA from the test's own hooks: the batch axis is where the test knows it is."""
-    from reference import linear_cka_textbook
+    from reference import capture_outputs, linear_cka_textbook
 
     def grab(model: nn.Module, names: set[str], inp: torch.Tensor, axis_of: dict[str, int]) -> dict:
-        out = {}
-        handles = [
-            model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: out.__setitem__(n, o)) for n in names
-        ]
-        try:
-            with torch.no_grad():
-                model(inp)
-        finally:
-            for h in handles:
-                h.remove()
-        feats = {}
-        for n, o in out.items():
-            o = o[0] if isinstance(o, tuple) else o
-            feats[n] = o.movedim(axis_of[n], 0).flatten(1).double()
-        return feats
+        out = capture_outputs(model, names, torch.no_grad()(lambda: model(inp)))
+        return {n: o.movedim(axis_of[n], 0).flatten(1).double() for n, o in out.items()}
 
     t_axis = {p.target.name: _true_axis(target, p.target.name) for p in plan}
     g_axis = {p.guide.name: _true_axis(guide, p.guide.name) for p in plan}

@@ -11,12 +11,11 @@ agrees within 1e-4, and the guide's weights are unchanged.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 import torch
-from reference import linear_cka_textbook
+from reference import capture_outputs, linear_cka_textbook
 from torch import nn
 
 from guidewrap import GuidedModel
@@ -161,29 +160,6 @@ CASES = [
 ]
 
 
-def _first_float(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, Mapping):
-        output = [v for v in output.values() if isinstance(v, (torch.Tensor, tuple, list, Mapping))]
-    return _first_float(output[0])
-
-
-def _capture(model: nn.Module, names: set[str], call: Callable[[], Any]) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    handles = [
-        model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: out.__setitem__(n, _first_float(o)))
-        for n in names
-    ]
-    try:
-        with torch.no_grad():
-            call()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return out
-
-
 def _flat(t: torch.Tensor, seq_first: bool) -> torch.Tensor:
     return (t.transpose(0, 1) if seq_first and t.dim() == 3 else t).flatten(1).double()
 
@@ -205,9 +181,11 @@ def test_every_reported_pair_matches_a_float64_reference(target_name: str, guide
         guided(x)
         plan = guided.plan()
         reported = guided.last_alignment
-        t_out = _capture(target, {p.target.name for p in plan}, lambda: target(x))
+        t_out = capture_outputs(target, {p.target.name for p in plan}, torch.no_grad()(lambda: target(x)))
         g_call = _t5_inputs(x) if guide_name == "t5" else {}
-        g_out = _capture(guide, {p.guide.name for p in plan}, lambda: guide(**g_call) if g_call else guide(x))
+        g_out = capture_outputs(
+            guide, {p.guide.name for p in plan}, torch.no_grad()(lambda: guide(**g_call) if g_call else guide(x))
+        )
     assert len(plan) > 0
     assert set(reported) == {p.key for p in plan}, f"pairs not measured: {({p.key for p in plan}) - set(reported)}"
     seq_first = {"lstm_seq_first"}

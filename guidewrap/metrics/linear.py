@@ -1,8 +1,8 @@
 """Linear CKA, the guidance paper's measure, and its fast kernels.
 
 Each side is centred in O(n d) before any product and kept as centred features when ``d <= n``
-or as a centred Gram otherwise (no n x n centring matrix); same-shaped layers are reduced in one stacked call, and the
-Gram's backward is one symmetric product (:class:`_ScaledGrams`).
+or as a centred Gram otherwise (no n x n centring matrix); same-shaped layers are reduced in one
+stacked call, and the Gram's backward is one symmetric product (:class:`_ScaledGrams`).
 
 Examples:
     >>> import torch
