@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 import torchvision
-from step import deep_fcn  # bench/step.py: the same models
+from step import MATCHING, deep_fcn  # bench/step.py: the same models and matching settings
 
 from guidewrap import GuidedModel
 
@@ -18,13 +18,13 @@ def main(batch: int = 256, depth: int = 24, limits: tuple[int, ...] = (4096, 204
     torch.manual_seed(0)
     target, guide = deep_fcn(depth), torchvision.models.resnet18(weights=None, num_classes=10)
     x = torch.randn(batch, 3, 32, 32)
-    exact = GuidedModel(target, guide)
+    exact = GuidedModel(target, guide, **MATCHING)
     exact(x)
     print(f"deep FCN ({depth} x Linear 1024 + BN) <- untrained ResNet-18, batch {batch}, white-noise images")
     print(f"exact alignment loss {exact.alignment_loss.item():.3f}")
     worst = {}
     for k in limits:
-        approx = GuidedModel(target, guide, max_features=k)
+        approx = GuidedModel(target, guide, max_features=k, **MATCHING)
         approx(x)
         worst[k] = max(abs(exact.last_alignment[p] - approx.last_alignment[p]) for p in exact.last_alignment)
         print(

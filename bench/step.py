@@ -34,6 +34,10 @@ from guidewrap import GuidedModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # float64 references
 from reference import capture_outputs, linear_cka_textbook  # noqa: E402
 
+# The level, pair reduction and weight every figure of this bench uses (bench/RESULTS.md): pinned,
+# so a change of library defaults does not move them.
+MATCHING: dict[str, object] = {"layers": "sublayers", "reduction": "sum", "weight": 1.0}
+
 
 def deep_fcn(depth: int = 24, width: int = 1024, d_in: int = 3 * 32 * 32, classes: int = 10) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Flatten()]
@@ -74,6 +78,7 @@ def make_steps(
 ) -> tuple[dict[str, Callable[[], None]], int]:
     """The step variants (plain, floor, guided, ``alternatives`` = other guidance settings by name
     and, optionally, the paper's recipe) and the pair count."""
+    guidance = {**MATCHING, **guidance}
     guided = GuidedModel(target, guide, **guidance)
     plan = guided.plan(x)
     pairs = [(p.target.name, p.guide.name) for p in plan]
@@ -113,7 +118,7 @@ def make_steps(
 
     steps = {"plain": plain, "floor": floor, "guided": guided_step(guided)}
     for name, settings in (alternatives or {}).items():
-        steps[name] = guided_step(GuidedModel(target, guide, **settings))
+        steps[name] = guided_step(GuidedModel(target, guide, **{**MATCHING, **settings}))
     if reference:
         steps["reference"] = paper_recipe
     return steps, len(pairs)
@@ -156,6 +161,7 @@ def main(
     seq_shape: tuple[int, int] = (64, 128),
     max_features: tuple[int, ...] = (),
 ) -> dict[str, float]:
+    print("matching: " + ", ".join(f"{k}={v}" for k, v in MATCHING.items()))
     if sequence:
         torch.manual_seed(0)
         target, guide, x = lstm_case(*seq_shape)
@@ -179,10 +185,10 @@ def main(
     _report(f"deep FCN ({depth} x Linear 1024 + BN) <- untrained ResNet-18, batch {batch}, {n_pairs} pairs", med)
     if max_features:  # the approximation's error on this batch, beside its cost
         # BatchNorm in train mode normalises by the batch's statistics: both runs see the same features.
-        exact = GuidedModel(target, guide)
+        exact = GuidedModel(target, guide, **MATCHING)
         exact(x)
         for name, settings in alternatives.items():
-            approx = GuidedModel(target, guide, **settings)
+            approx = GuidedModel(target, guide, **{**MATCHING, **settings})
             approx(x)
             worst = max(abs(exact.last_alignment[p] - approx.last_alignment[p]) for p in exact.last_alignment)
             print(f"{name}: guided_over_floor={med[name] / med['floor']:.2f}, largest per-pair CKA change {worst:.3f}")

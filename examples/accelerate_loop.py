@@ -108,7 +108,9 @@ def main(
     width = 16 if smoke else 64
     target, guide = LSTMClassifier(width), Encoder(width)
     optimizer = torch.optim.Adam(target.parameters(), lr=1e-3)
-    guided = GuidedModel(target, guide, until_step=steps // 2, optimizer=optimizer)  # <- guidewrap
+    guided = GuidedModel(
+        target, guide, layers="sublayers", weight=1.0, until_step=steps // 2, optimizer=optimizer
+    )  # <- guidewrap
     model, optimizer, loader = accelerator.prepare(guided, optimizer, loader)
     # One checkpoint folder for every process: the main process picks it, the others are told.
     checkpoint = [tempfile.mkdtemp(prefix="guidewrap-accelerate-") if accelerator.is_main_process else None]

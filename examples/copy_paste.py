@@ -20,7 +20,7 @@ from lab.copy_paste import (
     train_copy_paste,
 )
 
-# Over the 24 pairs (see `examples/lab/copy_paste.py`'s `train_copy_paste`).
+# Over the 20 pairs (see `examples/lab/copy_paste.py`'s `train_copy_paste`).
 WEIGHT = 0.25
 
 

@@ -13,6 +13,9 @@ from lab.common import fit, random_batches, seeded, summarize
 from lab.images import accuracy, load_images, plain_convnet
 from torch import nn
 
+# Pinned level, pair reduction and weight (the paper's sum with weight 1), whatever the library defaults.
+PINNED = {"layers": "sublayers", "reduction": "sum", "weight": 1.0}
+
 
 def main(
     data_dir: str | None = None, seeds: tuple[int, ...] = (0,), steps: int = 2000, depth: int = 16, smoke: bool = False
@@ -27,7 +30,7 @@ def main(
             target = seeded(seed, lambda: plain_convnet(depth, channels))
             guide = torchvision.models.resnet18(weights=None, num_classes=10)
             batches = random_batches(x, y, batch, seed)
-            fit(target, batches, nn.functional.cross_entropy, steps, guide=guide, mode=mode)
+            fit(target, batches, nn.functional.cross_entropy, steps, guide=guide, mode=mode, **PINNED)
             name = "plain ConvNet alone" if mode == "none" else "plain ConvNet guided by ResNet-18"
             rows.append(
                 {"variant": name, "train acc": accuracy(target, x, y), "test acc": accuracy(target, x_test, y_test)}

@@ -16,6 +16,9 @@ from lab.common import fit, random_batches, seeded, summarize
 from lab.images import accuracy, deep_fcn, load_images
 from torch import nn
 
+# Pinned level, pair reduction and weight (the paper's sum with weight 1), whatever the library defaults.
+PINNED = {"layers": "sublayers", "reduction": "sum", "weight": 1.0}
+
 
 def main(
     data_dir: str | None = None,
@@ -37,7 +40,7 @@ def main(
             if guide_checkpoint:
                 guide.load_state_dict(torch.load(guide_checkpoint, map_location="cpu"))
             batches = random_batches(x, y, batch, seed)
-            fit(target, batches, nn.functional.cross_entropy, steps, guide=guide, mode=mode)
+            fit(target, batches, nn.functional.cross_entropy, steps, guide=guide, mode=mode, **PINNED)
             rows.append(
                 {
                     "variant": "FCN alone" if mode == "none" else "FCN guided by ResNet-18",

@@ -121,6 +121,7 @@ def main(
                 mode="none" if guide is None else "guided",
                 lr=2e-3,
                 layers=PAIRS,
+                reduction="sum",
                 weight=weight,
                 guide_inputs=to_guide,
             )

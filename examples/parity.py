@@ -60,7 +60,10 @@ def main(
             mode = "none" if guide is None else "guided"
             # "mean": the RNN reads positions one by one, the Transformer mixes them; per-sample means
             # over real positions (padding masked) compare the two. "last": the paper's read-out pair.
-            pairing = {"sequence": "mean"} if features == "mean" else {"layers": [("pool", "readout")]}
+            pairing = (
+                {"sequence": "mean", "layers": "sublayers"} if features == "mean" else {"layers": [("pool", "readout")]}
+            )
+            pairing["reduction"] = "sum"  # pinned: the level and sum docs/results.md measured
             fit(model, batch_stream(seed, draw), nn.functional.cross_entropy, steps, guide=guide, mode=mode, **pairing)
             rows.append({"model": name, "accuracy": score(model)})
     print(

@@ -20,7 +20,7 @@ def main(steps: int = 50, batch: int = 64) -> float:
     target = nn.Sequential(nn.Flatten(), *hidden, nn.Linear(128, 10))
     guide = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(256, 10))  # fmt: skip
-    model = GuidedModel(target, guide, until_step=steps // 2)  # <- guidewrap
+    model = GuidedModel(target, guide, layers="sublayers", weight=1.0, until_step=steps // 2)  # <- guidewrap
     print(model.plan(torch.randn(batch, 3, 16, 16)))  # <- guidewrap (optional: show the layer pairs)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     for step in range(steps):

@@ -54,7 +54,7 @@ def main(
         guide = tiny_gpt2(
             corpus.vocab_size, n_layer=1 if smoke else 4, n_embd=16 if smoke else 128, n_head=2
         )  # <- guidewrap
-        guide_trainer(trainer, guide)  # <- guidewrap: the one-line change
+        guide_trainer(trainer, guide, layers="sublayers", weight=1.0)  # <- guidewrap: the one-line change
     trainer.train()
     eval_loss = trainer.evaluate()["eval_loss"]
     aligned = [row for row in trainer.state.log_history if "guidance_loss" in row]

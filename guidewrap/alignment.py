@@ -31,7 +31,7 @@ from .inputs import Routed, call_guide
 from .layers import LayerPlan
 from .metrics import Metric
 
-__all__ = ["FeatureSubsets", "SinkSlot", "Term", "reduce_guide", "alignment_term"]
+__all__ = ["FeatureSubsets", "SinkSlot", "Term", "alignment_term", "reduce_guide", "stack_calls"]
 
 # shape(x, w, side, layer): the feature subset, then the distributed gather (differentiable on the
 # target side); returns the features and sample weights the metric sees.
@@ -90,10 +90,16 @@ def reduce_guide(
         wanted.setdefault(pair.guide.name, set()).add(pair.mode)
     infos = {p.guide.name: p.guide for p in plan}
     prepared: dict[tuple[str, str], Any] = {}
+    repeated: dict[str, list[Any]] = {}  # layers planned as several calls: stacked after the forward
 
     def sink(name: str, output: Any) -> None:
+        if infos[name].calls > 1:
+            repeated.setdefault(name, []).append(output)
+        else:
+            reduce(name, *extract(output))
+
+    def reduce(name: str, tensor: Tensor | None, lengths: Tensor | None) -> None:
         info = infos[name]
-        tensor, lengths = extract(output)
         if tensor is None or info.batch_dim is None:
             return
         if tensor.shape[info.batch_dim] != routed.n:
@@ -114,10 +120,30 @@ def reduce_guide(
         # under compile the guide runs under no_grad, which it traces.
         with torch.no_grad() if torch.compiler.is_compiling() else torch.inference_mode():
             call_guide(guide, routed.guide_args, routed.guide_kwargs)
+            for name, calls in repeated.items():
+                reduce(name, *stack_calls(calls, infos[name].batch_dim))
     finally:
         slot.current = None
     # Out of inference mode: autograd may save these for the target's backward.
     return {key: metric.clone_prepared(value) for key, value in prepared.items()}
+
+
+def stack_calls(calls: list[Any], batch_dim: int | None) -> tuple[Tensor | None, Tensor | None]:
+    """One layer's outputs in a forward: the activation of a single call, or those of a module run
+    several times (a recurrent cell in a Python loop, a block reused at several depths) stacked in
+    call order right after the batch axis, ``(n, calls, ...)``: one time step per call.
+
+    Examples:
+        >>> import torch
+        >>> stack_calls([torch.zeros(4, 3), torch.ones(4, 3)], 0)[0].shape
+        torch.Size([4, 2, 3])
+    """
+    if len(calls) == 1 or batch_dim is None:
+        return extract(calls[-1])
+    tensors = [extract(c)[0] for c in calls]
+    if any(t is None for t in tensors) or len({t.shape for t in tensors}) != 1:  # type: ignore[union-attr]
+        return None, None  # counted as a skipped pair: no one layout to stack
+    return torch.stack(tensors, dim=batch_dim + 1), None  # type: ignore[arg-type]
 
 
 @dataclass
@@ -134,10 +160,10 @@ class Term:
 def alignment_term(
     plan: LayerPlan,
     metric: Metric,
-    captured: dict[str, Any],
+    captured: dict[str, list[Any]],
     prepared: dict[tuple[str, str], Any],
     mask: Tensor | None,
-    weight: float,
+    weight: float | Tensor,
     shape: Shaper,
     n: int,
 ) -> Term:
@@ -148,9 +174,9 @@ def alignment_term(
     shaped: dict[tuple[str, str], tuple[Tensor, Tensor | None]] = {}  # target features, once per layer
     groups: dict[Any, list[int]] = {}
     for i, pair in enumerate(pairs):
-        raw = captured.get(pair.target.name)
+        calls = captured.get(pair.target.name)
         guide_side = prepared.get((pair.guide.name, pair.mode))
-        tensor, lengths = extract(raw) if raw is not None else (None, None)
+        tensor, lengths = stack_calls(calls, pair.target.batch_dim) if calls else (None, None)
         if tensor is None or guide_side is None or pair.target.batch_dim is None:
             missing.add(pair.key)
             results[i] = (torch.ones(()), torch.zeros((), dtype=torch.bool))
@@ -210,7 +236,9 @@ def _measure_groups(
         results[members[0]] = _reduce_positions(distance, ok)
 
 
-def _sum_term(pairs: list[Any], results: list[tuple[Tensor, Tensor] | None], weight: float, missing: set[str]) -> Term:
+def _sum_term(
+    pairs: list[Any], results: list[tuple[Tensor, Tensor] | None], weight: float | Tensor, missing: set[str]
+) -> Term:
     distances = [r[0] for r in results if r is not None]
     oks = [r[1] for r in results if r is not None]
     device = next((d.device for d in distances if d.requires_grad), distances[0].device)

@@ -128,7 +128,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     target, guide = _load_model(args.target, args.a_args), _load_model(args.guide, args.b_args)
     x = _example_input(args.input_shape, args.input_dtype, args.vocab)
-    plan = GuidedModel(target, guide, exclude_output_layer=not args.keep_output_layer).plan(x)
+    plan = GuidedModel(target, guide, layers=args.layers, exclude_output_layer=not args.keep_output_layer).plan(x)
     print(plan)
     return 0
 
@@ -306,6 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="print the layer pairs guidance would align for two models")
     _add_model_args(plan, "target", "guide")
     plan.add_argument("--keep-output-layer", action="store_true", help="also pair the output (logits) layers")
+    plan.add_argument(
+        "--layers",
+        default="auto",
+        choices=["auto", "blocks", "sublayers", "paper"],
+        help="matching level (default: auto)",
+    )
     plan.set_defaults(func=_cmd_plan)
 
     sim = sub.add_parser("similarity", help="CKA between every hookable layer of two models, as a heatmap PNG")

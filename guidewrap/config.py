@@ -22,6 +22,7 @@ from torch import nn
 
 from .capture import SEQUENCE_MODES
 from .errors import ConfigError
+from .layers import LEVELS
 from .metrics import Metric, get_metric
 from .schedules import GuidanceSchedule
 
@@ -36,15 +37,22 @@ class GuidanceConfig:
     :class:`~guidewrap.GuidedModel` and :class:`~guidewrap.Guidance`.
 
     Attributes:
-        layers: ``"auto"`` (discover and spread, as in the paper), ``"paper"`` (the published
-            code's rule exactly, for reproduction runs: its layer types matched exactly, the last
-            hooked layer of each side dropped, one guide layer per target layer, the last landing
-            on it), a list of explicit ``(target_name, guide_name)`` pairs, or
-            ``{"target": spec, "guide": spec}`` where a spec is ``"auto"``, a name pattern
-            (``"encoder.layer.*"``) or a list of names/patterns; the selected layers are then spread.
+        layers: a matching level, a list of explicit ``(target_name, guide_name)`` pairs, or
+            ``{"target": spec, "guide": spec}`` where a spec is a level, a name pattern
+            (``"encoder.layer.*"``) or a list of names/patterns; the selected layers are then
+            spread over depth. Levels: ``"blocks"`` (the repeated blocks: transformer layers,
+            ResNet blocks, recurrent layers; a network without repeated blocks falls back to
+            ``"sublayers"``), ``"sublayers"`` (every module of ``layer_types``), ``"paper"`` (the
+            published code's rule exactly, for reproduction runs: its layer types matched exactly,
+            the last hooked layer of each side dropped, one guide layer per target layer, a plain
+            sum) and ``"auto"`` (the default level, ``"sublayers"``; chosen by measurement, see
+            ``docs/concepts/layers.md``). Networks sharing a body pair namesakes.
         metric: a name from :func:`~guidewrap.metrics.available_metrics`, a
             :class:`~guidewrap.metrics.Metric` or a callable ``(x, y) -> distance``.
-        weight: multiplier of the summed per-pair distances.
+        weight: multiplier of the reduced per-pair distances.
+        reduction: how per-pair distances combine: ``"mean"`` (weight times their mean, so the
+            term's scale does not grow with the number of pairs) or ``"sum"`` (the paper's).
+            ``None`` (default): ``"sum"`` with ``layers="paper"``, else ``"mean"``.
         start_step / until_step: the window, in optimizer steps (``until_step=None``: whole run).
         decay: ``"constant"``, ``"linear"`` or ``"cosine"`` decay of the weight inside the window.
         guide_inputs: ``"same"`` (the target's batch), ``"noise"`` (both nets see noise shaped like
@@ -78,6 +86,7 @@ class GuidanceConfig:
     layers: LayerSpec = "auto"
     metric: str | Metric | Callable[..., Any] = "cka"
     weight: float = 1.0
+    reduction: str | None = None
     start_step: int = 0
     until_step: int | None = None
     decay: str = "constant"
@@ -99,6 +108,10 @@ class GuidanceConfig:
         self.layers = _validate_layers(self.layers)
         if not (callable(self.guide_inputs) or self.guide_inputs in ("same", "noise")):
             raise ConfigError(f"guide_inputs must be 'same', 'noise' or a callable, got {self.guide_inputs!r}")
+        if self.reduction is None:
+            self.reduction = "sum" if self.layers == "paper" else "mean"
+        if self.reduction not in ("mean", "sum"):
+            raise ConfigError(f"reduction must be 'mean' or 'sum' (or None for the default), got {self.reduction!r}")
         if self.sequence not in SEQUENCE_MODES:
             raise ConfigError(f"sequence must be one of {SEQUENCE_MODES}, got {self.sequence!r}")
         if self.distributed not in ("global", "local"):
@@ -149,21 +162,24 @@ class GuidanceConfig:
 
 
 def _validate_layers(layers: LayerSpec) -> LayerSpec:
-    if layers in ("auto", "paper"):
+    if isinstance(layers, str) and layers in ("auto", *LEVELS):
         return layers
     if isinstance(layers, dict):
         if set(layers) != {"target", "guide"}:
             raise ConfigError(f"layers dict needs exactly the keys 'target' and 'guide', got {sorted(layers)}")
         out = {}
         for side, spec in layers.items():
-            if spec == "auto":
-                out[side] = "auto"
+            if spec in ("auto", "blocks", "sublayers"):
+                out[side] = spec
             elif isinstance(spec, str):
                 out[side] = [spec]
             elif isinstance(spec, (list, tuple)) and spec and all(isinstance(s, str) for s in spec):
                 out[side] = list(spec)
             else:
-                raise ConfigError(f"layers[{side!r}] must be 'auto', a name pattern or a list of names, got {spec!r}")
+                raise ConfigError(
+                    f"layers[{side!r}] must be 'auto', 'blocks', 'sublayers', a name pattern or a list of names, "
+                    f"got {spec!r}"
+                )
         return out
     if isinstance(layers, (list, tuple)) and layers:
         pairs = []
@@ -173,6 +189,6 @@ def _validate_layers(layers: LayerSpec) -> LayerSpec:
             pairs.append((pair[0], pair[1]))
         return pairs
     raise ConfigError(
-        "layers must be 'auto', 'paper', a non-empty list of (target_name, guide_name) pairs or "
+        "layers must be 'auto', 'blocks', 'sublayers', 'paper', a non-empty list of (target_name, guide_name) pairs or "
         f"{{'target': ..., 'guide': ...}}, got {layers!r}"
     )

@@ -27,6 +27,8 @@ Examples:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -48,7 +50,17 @@ from .errors import (
 )
 from .hooks import HookSet, watch_double_count
 from .inputs import Routed, call_guide, first_tensor, float_dtype, noise_call, route
-from .layers import DEFAULT_LAYER_TYPES, PAPER_LAYER_TYPES, LayerPlan, build_plan, check_names, layout_conflicts, probe
+from .layers import (
+    DEFAULT_LAYER_TYPES,
+    DEFAULT_LEVEL,
+    PAPER_LAYER_TYPES,
+    LayerPlan,
+    block_names,
+    build_plan,
+    check_names,
+    layout_conflicts,
+    probe,
+)
 from .step import GuidedStep
 from .utils import unwrap_model
 
@@ -93,8 +105,14 @@ class GuidanceEngine:
         self._input_axes: list[int | None] = [config.input_batch_dim or 0, config.guide_input_batch_dim]
         self._target_float: torch.dtype | None = None  # the target's precision, read at each step
         self.step_count = 0
+        # The schedule at the current step, for a step traced by torch.compile: a flag that flips at
+        # the window's edges and the weight as a tensor, so no guard on the counter (a Python int that
+        # changes every step) recompiles every step. Updated where the counter changes.
+        self._in_window = self.schedule.is_active(0)
+        self._step_weight = torch.tensor(self.schedule.weight_at(0))
         self.on_step: Callable[[int], None] | None = None
         self._plan: LayerPlan | None = None
+        self._resumed_plan: dict[str, Any] | None = None  # a checkpoint's plan record, checked at planning
         self._taps = HookSet()  # on the planned layers of target and guide, while the window lasts
         self._guide_slot = SinkSlot()
         self._optimizer_hooks = HookSet()
@@ -103,7 +121,10 @@ class GuidanceEngine:
         self._loss: Tensor | None = None
         self._last_alignment: dict[str, float] = {}
         self._unread: _Unread | None = None  # values of guided steps not yet read on the host
-        self.counters = {"guided_forwards": 0, "guide_forwards": 0, "skipped_pairs": 0}
+        self._counts = {"guided_forwards": 0, "guide_forwards": 0, "skipped_pairs": 0}
+        # Forwards counted while torch.compile traces a step: a tensor updated in the graph (a Python
+        # int changing every step would be a guard, and a recompile, every step).
+        self._traced_counts = torch.zeros(2, dtype=torch.long)
         self._double_count_checks = 3
         self._warned_tiny_batch = False
         self._left_padded = False  # read from the first guided step's mask under data parallelism
@@ -155,27 +176,110 @@ class GuidanceEngine:
     def step(self) -> None:
         """Advance the optimizer-step counter that drives the window and the decay."""
         self.step_count += 1
+        self._sync_schedule()
         if self.on_step is not None:
             self.on_step(self.step_count)
         if self.schedule.is_finished(self.step_count):
             self._taps.remove()
+
+    def _sync_schedule(self) -> None:
+        self._in_window = self.schedule.is_active(self.step_count)
+        self._step_weight.fill_(self.schedule.weight_at(self.step_count))
 
     def set_step(self, step: int) -> None:
         """Set the counter, e.g. when resuming (taps of a finished window are dropped)."""
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ConfigError(f"step must be an integer >= 0, got {step!r}")
         self.step_count = step
+        self._sync_schedule()
         if self.schedule.is_finished(step):
             self._taps.remove()
 
     def state_dict(self) -> dict[str, Any]:
-        """Resumable state: the step counter and counters."""
-        return {"step": self.step_count, "counters": dict(self.counters)}
+        """Resumable state: the step counter, counters and the plan's fingerprint (once resolved)."""
+        state: dict[str, Any] = {"step": self.step_count, "counters": dict(self.counters)}
+        if self._plan is not None:
+            state["plan"] = self.plan_record()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Restore what :meth:`state_dict` returned; a recorded plan is compared with this run's
+        (now, or when it is resolved) and a difference warns, naming what changed."""
         self.set_step(int(state["step"]))
-        self.counters.update(state.get("counters", {}))
+        counts = dict(state.get("counters", {}))
+        self._traced_counts.zero_()
+        self._counts.update({k: int(v) for k, v in counts.items() if k in self._counts})
+        if state.get("plan") is not None:
+            self.expect_plan(state["plan"])
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Guided forwards, guide forwards and skipped pairs so far (a snapshot)."""
+        traced = self._traced_counts.tolist()
+        out = dict(self._counts)
+        out["guided_forwards"] += traced[0]
+        out["guide_forwards"] += traced[1]
+        return out
+
+    def _count(self, index: int, key: str) -> None:
+        if torch.compiler.is_compiling():
+            self._traced_counts[index] += 1
+        else:
+            self._counts[key] += 1
+
+    @property
+    def has_plan(self) -> bool:
+        """Whether the layer plan is resolved (after the first guided forward or ``plan(example)``)."""
+        return self._plan is not None
+
+    def plan_record(self) -> dict[str, Any]:
+        """What a checkpoint records of the plan: its pairs, the settings that shape the term, and
+        a fingerprint of both (equal fingerprints: the same alignment term)."""
+        if self._plan is None:
+            raise PlanError("the plan is not resolved yet: call plan(example_input) or run a guided forward first")
+        cfg = self.config
+        settings = {
+            "layers": cfg.layers if isinstance(cfg.layers, str) else repr(cfg.layers),
+            "metric": self.metric.name,
+            "weight": cfg.weight,
+            "reduction": cfg.reduction,
+            "sequence": cfg.sequence,
+            "max_features": cfg.max_features,
+        }
+        pairs = [f"{p.key} ({p.mode})" for p in self._plan]
+        digest = hashlib.sha256(json.dumps([pairs, settings], sort_keys=True).encode()).hexdigest()[:16]
+        return {"fingerprint": digest, "pairs": pairs, "settings": settings}
+
+    def expect_plan(self, record: Mapping[str, Any]) -> None:
+        """Warn if this run's plan differs from ``record`` (a checkpoint's :meth:`plan_record`)."""
+        self._resumed_plan = dict(record)
+        if self._plan is not None:
+            self._check_resumed_plan()
+
+    def _check_resumed_plan(self) -> None:
+        record, self._resumed_plan = self._resumed_plan, None
+        if record is None:
+            return
+        now = self.plan_record()
+        if record.get("fingerprint") == now["fingerprint"]:
+            return
+        changes = []
+        before, after = record.get("settings", {}), now["settings"]
+        changes += [f"{k} {before.get(k)!r} -> {after[k]!r}" for k in after if before.get(k) != after[k]]
+        old_pairs, new_pairs = list(record.get("pairs", [])), now["pairs"]
+        gone = [p for p in old_pairs if p not in new_pairs]
+        added = [p for p in new_pairs if p not in old_pairs]
+        if gone or added:
+            changes.append(f"pairs {len(old_pairs)} -> {len(new_pairs)}")
+            changes += [f"no longer aligned: {', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''}"] if gone else []
+            changes += [f"newly aligned: {', '.join(added[:3])}{' ...' if len(added) > 3 else ''}"] if added else []
+        warnings.warn(
+            "resuming with a different guidance plan than the checkpoint's ("
+            + ("; ".join(changes) or "fingerprint differs")
+            + "): the alignment term changes meaning mid-run. Pin layers=... and weight=... to keep the plan",
+            GuidewrapWarning,
+            stacklevel=3,
+        )
 
     @property
     def weight(self) -> float:
@@ -223,6 +327,8 @@ class GuidanceEngine:
 
     def is_active(self) -> bool:
         """Whether the next forward is guided (training mode, inside the window)."""
+        if torch.compiler.is_compiling():  # no guard on the counter (see _sync_schedule)
+            return not self.closed and self.target.training and self._in_window
         return not self.closed and self.target.training and self.schedule.is_active(self.step_count)
 
     def begin(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
@@ -231,7 +337,8 @@ class GuidanceEngine:
             return False
         self.abort()
         if not self.is_active():
-            if self.schedule.is_finished(self.step_count):
+            # Under torch.compile, step() (eager, at the optimizer step) has removed them already.
+            if not torch.compiler.is_compiling() and self.schedule.is_finished(self.step_count):
                 self._taps.remove()
             return False
         if self.config.guide_inputs == "noise":
@@ -253,8 +360,9 @@ class GuidanceEngine:
             noise = noise_call(self.target, self.guide, step.args, step.kwargs)
             self._loss = self._aligned_forward(*noise, weight=self.weight)
         else:
-            self._loss = self._finish(step, self.weight)
-            self.counters["guided_forwards"] += 1
+            weight = self._step_weight if torch.compiler.is_compiling() else self.weight
+            self._loss = self._finish(step, weight)
+            self._count(0, "guided_forwards")
         if self.config.add_to_output_loss:
             with_term = _add_to_loss(output, self._loss)
             checking = self._double_count_checks and not torch.compiler.is_compiling()  # a diagnostic only
@@ -291,7 +399,7 @@ class GuidanceEngine:
         self._install_taps(plan)
         step = GuidedStep(routed)
         step.prepared = reduce_guide(self.guide, plan, self.metric, routed, self._shape, self._guide_slot)
-        self.counters["guide_forwards"] += 1
+        self._count(1, "guide_forwards")
         return step
 
     def _shape(self, x: Tensor, w: Tensor | None, side: str, name: str) -> tuple[Tensor, Tensor | None]:
@@ -301,9 +409,11 @@ class GuidanceEngine:
         mode = self.config.distributed
         return distributed.gather(x, w, differentiable=side == "target", mode=mode, left_padded=self._left_padded)
 
-    def _finish(self, step: GuidedStep, weight: float) -> Tensor:
+    def _finish(self, step: GuidedStep, weight: float | Tensor) -> Tensor:
         if self._plan is None or step.routed is None:
             raise PlanError("a guided step ended before its plan was resolved")
+        if self.config.reduction == "mean":
+            weight = weight / len(self._plan)
         term = alignment_term(
             self._plan, self.metric, step.captured, step.prepared, step.routed.mask, weight, self._shape, step.routed.n
         )
@@ -341,7 +451,7 @@ class GuidanceEngine:
                 )
             if not count:
                 continue
-            self.counters["skipped_pairs"] += int(count)
+            self._counts["skipped_pairs"] += int(count)
             why = "its target layer did not run" if pair.key in unread.missing else "degenerate or non-finite features"
             steps = "this step" if count == 1 else f"on {int(count)} steps"
             warnings.warn(
@@ -410,21 +520,37 @@ class GuidanceEngine:
                     g_layers = layers
         finally:
             self.busy = False
+        for side, model in (("target", self.target), ("guide", self.guide)):
+            if self._names[side] is None and self._level(side) == "blocks" and not block_names(model):
+                notes.append(f"the {side} has no repeated blocks: its sub-layers are aligned (level 'sublayers')")
         self._plan = build_plan(
             t_layers, g_layers, self.config.layers, self.config.sequence, self.config.exclude_output_layer
         )
         self._plan.notes.extend(notes)
+        self._check_resumed_plan()
         self._taps.remove()
         return routed
 
     def _probe(self, side: str, args: tuple[Any, ...], kwargs: dict[str, Any], routed: Routed) -> list[Any]:
+        model = self.target if side == "target" else self.guide
+        names = self._names[side]
+        if names is None and self._level(side) == "blocks":
+            names = block_names(model) or None  # no repeated blocks: every sub-layer (see the plan's note)
         if side == "target":
             with torch.no_grad():
                 run = lambda: self.target(*args, **kwargs)  # noqa: E731
-                return probe(self.target, run, routed.n, self._names["target"], self.layer_types, routed.axes[0])
+                return probe(self.target, run, routed.n, names, self.layer_types, routed.axes[0])
         with torch.inference_mode():
             run = lambda: call_guide(self.guide, routed.guide_args, routed.guide_kwargs)  # noqa: E731
-            return probe(self.guide, run, routed.n, self._names["guide"], self.layer_types, routed.axes[1])
+            return probe(self.guide, run, routed.n, names, self.layer_types, routed.axes[1])
+
+    def _level(self, side: str) -> str | None:
+        """The matching level of a side with automatic discovery (``None`` for named layers)."""
+        spec = self.config.layers
+        spec = spec[side] if isinstance(spec, dict) else spec
+        if not isinstance(spec, str):
+            return None
+        return DEFAULT_LEVEL if spec == "auto" else spec
 
     def _axis_from_evidence(
         self, side: str, conflicts: list[Any], args: tuple[Any, ...], kwargs: Mapping[str, Any], routed: Routed

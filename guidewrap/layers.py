@@ -19,22 +19,24 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fnmatch
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .capture import extract, find_batch_dim, is_channels_first, sequence_length
 from .errors import LayerNotFoundError, PlanError
 
 __all__ = [
     "DEFAULT_LAYER_TYPES",
+    "LEVELS",
     "PAPER_LAYER_TYPES",
     "LayerInfo",
     "LayerPair",
     "LayerPlan",
+    "block_names",
     "list_layers",
     "spread",
 ]
@@ -53,6 +55,9 @@ DEFAULT_LAYER_TYPES: tuple[type[nn.Module] | str, ...] = (
     nn.RNN,
     nn.LSTM,
     nn.GRU,
+    nn.RNNCell,
+    nn.LSTMCell,
+    nn.GRUCell,
     nn.MultiheadAttention,
     nn.TransformerEncoderLayer,
     nn.TransformerDecoderLayer,
@@ -73,6 +78,18 @@ PAPER_LAYER_TYPES: tuple[str, ...] = (
     "LayerNorm",
     "MultiheadAttention",
 )
+
+
+# Granularity of automatic matching (``layers=``): "blocks" (the repeated blocks of a network: the
+# residual stream of transformer layers, ResNet blocks, recurrent layers), "sublayers" (every module
+# of DEFAULT_LAYER_TYPES) or "paper" (the published code's rule). "auto" is DEFAULT_LEVEL.
+LEVELS: tuple[str, ...] = ("blocks", "sublayers", "paper")
+DEFAULT_LEVEL = "sublayers"  # chosen by the matching study (docs/results.md, "Matching")
+
+# Blocks on their own: a recurrent layer or a transformer layer is a block wherever it sits.
+_ATOMIC_BLOCKS = (nn.RNNBase, nn.RNNCellBase, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+# Layers that map features to outputs: when the model returns such a layer's output, it is a head.
+_LINEAR_LIKE = (nn.Linear, nn.Bilinear, "Conv1D")
 
 
 def spread(n_target: int, n_guide: int) -> list[int]:
@@ -118,6 +135,7 @@ class LayerInfo:
     calls: int = 1
     declared: tuple[int, int] | None = None  # (batch axis, its size) per the module's batch_first
     ambiguous: bool = False  # several output axes have the batch's size and nothing declared which
+    head: bool = False  # a linear layer whose output the model returns: a real output head
 
     @property
     def features(self) -> int:
@@ -198,6 +216,54 @@ class LayerPlan:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def block_names(model: nn.Module) -> list[str]:
+    """The repeated blocks of ``model``, in definition order: the level ``layers="blocks"`` aligns.
+
+    A block is a module with sub-modules that sits in an ``nn.ModuleList`` / ``nn.Sequential``
+    beside at least one sibling of its own class (GPT-2's ``h.0``, ``h.1``..., BERT's
+    ``encoder.layer.*``, a ResNet's ``layer1.0``...), or a recurrent / transformer layer anywhere.
+    The outermost such modules are taken, except that a block which is itself a plain container
+    (a stage of a ``Sequential`` of stages) is looked into for the blocks inside it.
+
+    Examples:
+        >>> from torch import nn
+        >>> stack = nn.Sequential(*[nn.Sequential(nn.Linear(4, 4), nn.ReLU()) for _ in range(3)], nn.Linear(4, 2))
+        >>> block_names(stack)
+        ['0', '1', '2']
+        >>> block_names(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)))  # no repeated blocks
+        []
+    """
+    from .utils import unwrap_model
+
+    model = unwrap_model(model)
+    chosen: list[str] = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        children = list(module.named_children())
+        repeated: dict[type, int] = {}
+        if isinstance(module, (nn.ModuleList, nn.Sequential)):
+            for _, child in children:
+                repeated[type(child)] = repeated.get(type(child), 0) + 1
+        for name, child in children:
+            path = f"{prefix}.{name}" if prefix else name
+            composite = next(child.children(), None) is not None
+            is_block = isinstance(child, _ATOMIC_BLOCKS) or (composite and repeated.get(type(child), 0) >= 2)
+            if is_block and not isinstance(child, (nn.ModuleList, nn.Sequential)):
+                chosen.append(path)  # outermost: what is inside a block is not looked at
+            elif is_block and not _has_blocks(child):
+                chosen.append(path)  # a container of plain layers repeated (a Sequential per block)
+            else:
+                visit(path, child)
+
+    visit("", model)
+    return chosen
+
+
+def _has_blocks(module: nn.Module) -> bool:
+    """Whether blocks exist inside ``module`` (so a container of blocks is looked into)."""
+    return bool(block_names(module)) if next(module.children(), None) is not None else False
 
 
 # --------------------------------------------------------------------------- name resolution
@@ -295,7 +361,10 @@ def probe(
 
     ``names`` restricts the candidates to those modules; otherwise every module of a type in
     ``layer_types`` is a candidate. ``input_axis`` (the input's batch axis) breaks ties between
-    output dimensions of size ``n``. Hooks are always removed.
+    output dimensions of size ``n``. Also marks each layer that is a real output head (a
+    linear layer whose output the model returns) and skips a layer whose output is the very
+    tensor a later-finishing layer returns (a post-norm block and its final norm). Hooks are
+    always removed.
     """
     modules = dict(model.named_modules())
     if names is None:
@@ -305,17 +374,24 @@ def probe(
     else:
         candidates = {name: modules[name] for name in names}
     seen: dict[str, LayerInfo] = {}
+    last: dict[str, Tensor] = {}  # each layer's latest output tensor, for the identity checks
+    finished: list[str] = []  # names in the order their (last) call returned
 
     def make_hook(name: str, module: nn.Module) -> Callable[..., None]:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            tensor = extract(output)[0]
+            if tensor is not None:
+                last[name] = tensor
+            if name in finished:
+                finished.remove(name)
+            finished.append(name)
             if name not in seen:
                 seen[name] = describe(model, name, module, output, n, input_axis)
                 return
             first, again = seen[name], describe(model, name, module, output, n, input_axis)
             first.calls += 1
             if first.skip_reason is None and (again.shape, again.batch_dim) != (first.shape, first.batch_dim):
-                # The last call's output is aligned; with a layout that changes between calls there is
-                # no one feature matrix for it (and the metric would fail on a size mismatch).
+                # Calls are stacked as a sequence (see _stack_calls): that needs one layout for all.
                 first.skip_reason = (
                     f"runs {first.calls}+ times per forward with different output layouts ({first.shape}, batch axis "
                     f"{first.batch_dim}, then {again.shape}, batch axis {again.batch_dim}); align a module that runs "
@@ -327,11 +403,65 @@ def probe(
     handles = [m.register_forward_hook(make_hook(name, m)) for name, m in candidates.items()]
     try:
         with _no_side_effects(model):
-            run()
+            result = run()
     finally:
         for handle in handles:
             handle.remove()
-    return _agree(list(seen.values()))
+    returned = {_storage_key(t) for t in _float_tensors(result)}
+    infos = list(seen.values())
+    for info in infos:
+        tensor = last.get(info.name)
+        info.head = (
+            tensor is not None
+            and info.calls == 1
+            and _is_candidate(modules[info.name], _LINEAR_LIKE)
+            and _storage_key(tensor) in returned
+        )
+        if info.calls > 1 and info.skip_reason is None and info.shape is not None:
+            info.shape = (info.shape[0], info.calls, *info.shape[1:])  # the calls, stacked as a sequence
+            info.channels_first = False
+    _skip_same_tensor(infos, last, finished)
+    return _agree(infos)
+
+
+def _storage_key(tensor: Tensor) -> tuple[int, int]:
+    try:
+        return (tensor.untyped_storage().data_ptr(), tensor.dtype.itemsize)
+    except (RuntimeError, NotImplementedError):  # tensors without storage (functional wrappers)
+        return (id(tensor), 0)
+
+
+def _float_tensors(value: Any) -> Iterator[Tensor]:
+    """Every floating-point tensor in a (nested) model output."""
+    if isinstance(value, Tensor):
+        if value.is_floating_point():
+            yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _float_tensors(item)
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _float_tensors(item)
+
+
+def _skip_same_tensor(infos: list[LayerInfo], last: dict[str, Tensor], finished: list[str]) -> None:
+    """Of layers whose outputs are one and the same tensor (a post-norm ``TransformerEncoderLayer``
+    returns its ``norm2``'s output), keep the one that returns last (the outer module)."""
+    order = {name: i for i, name in enumerate(finished)}
+    groups: dict[tuple[Any, ...], list[LayerInfo]] = {}
+    for info in infos:
+        tensor = last.get(info.name)
+        if tensor is None or info.skip_reason is not None:
+            continue
+        key = (*_storage_key(tensor), tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), info.calls)
+        groups.setdefault(key, []).append(info)
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        group.sort(key=lambda i: order.get(i.name, -1))
+        keep = group[-1]
+        for info in group[:-1]:
+            info.skip_reason = f"its output is the same tensor as {keep.name!r}'s, which is planned instead"
 
 
 def _agree(infos: list[LayerInfo]) -> list[LayerInfo]:
@@ -388,7 +518,12 @@ def build_plan(
     sequence: str,
     exclude_output_layer: bool,
 ) -> LayerPlan:
-    """Match probed layers into pairs according to the ``layers`` setting."""
+    """Match probed layers into pairs according to the ``layers`` setting.
+
+    Automatic levels (``"auto"``, ``"blocks"``, ``"sublayers"``) leave out real output heads on
+    either side (``exclude_output_layer``), pair namesakes when the networks share a body, and
+    otherwise spread the guide's layers over the target's depth.
+    """
     skipped: list[tuple[str, LayerInfo]] = []
     notes: list[str] = []
     if isinstance(layers, list):  # explicit pairs, in the user's order
@@ -410,11 +545,13 @@ def build_plan(
     if layers == "paper":
         return _paper_plan(target_layers, guide_layers, skipped, notes)
     _check_named_layers_ran(layers, {"target": target_layers, "guide": guide_layers})
-    t_spec = layers["target"] if isinstance(layers, dict) else "auto"
-    g_spec = layers["guide"] if isinstance(layers, dict) else "auto"
-    drop_last = exclude_output_layer
-    t_good = _usable(target_layers, "target", t_spec != "auto", drop_last and t_spec == "auto", skipped)
-    g_good = _usable(guide_layers, "guide", g_spec != "auto", drop_last and g_spec == "auto", skipped)
+    automatic = {"auto", *LEVELS}
+    t_spec = layers["target"] if isinstance(layers, dict) else layers
+    g_spec = layers["guide"] if isinstance(layers, dict) else layers
+    t_auto = isinstance(t_spec, str) and t_spec in automatic
+    g_auto = isinstance(g_spec, str) and g_spec in automatic
+    t_good = _usable(target_layers, "target", not t_auto, exclude_output_layer and t_auto, skipped)
+    g_good = _usable(guide_layers, "guide", not g_auto, exclude_output_layer and g_auto, skipped)
     if not t_good or not g_good:
         side = "target" if not t_good else "guide"
         raise PlanError(
@@ -422,6 +559,17 @@ def build_plan(
             + (", ".join(f"{i.name} ({i.skip_reason})" for s, i in skipped if s == side) or "none ran")
             + ". Pass layers={'target': [...], 'guide': [...]} or layer_types=... to choose layers."
         )
+    namesakes = _namesakes(t_good, g_good) if t_auto and g_auto else None
+    if namesakes is not None:
+        pairs_found, unmatched = namesakes
+        for side, info in unmatched:
+            info.skip_reason = "no namesake in the other network (the two share a body; heads may differ)"
+            skipped.append((side, info))
+        notes.append(
+            f"the two networks share a body: each of its {len(pairs_found)} layers is paired with its namesake"
+        )
+        pairs = [_pair(t, g, sequence, notes) for t, g in pairs_found]
+        return _finish(LayerPlan(pairs, skipped, notes))
     index = spread(len(t_good), len(g_good))
     if len(g_good) > len(t_good):
         notes.append(
@@ -430,6 +578,52 @@ def build_plan(
         )
     pairs = [_pair(t_good[ti], g, sequence, notes) for g, ti in zip(g_good, index, strict=True)]
     return _finish(LayerPlan(pairs, skipped, notes))
+
+
+def _namesakes(
+    t_good: list[LayerInfo], g_good: list[LayerInfo]
+) -> tuple[list[tuple[LayerInfo, LayerInfo]], list[tuple[str, LayerInfo]]] | None:
+    """Pairs of same-named layers when the two networks share a body, else None.
+
+    Names match up to a leading prefix (``bert.encoder.layer.0`` is ``encoder.layer.0``;
+    ``transformer.h.1.ln_2`` is ``h.1.ln_2``) and must be of one type. The body is shared when at
+    least two layers match, in the same order on both sides, and the layers left without a
+    namesake come after the last match on their side (heads), at most a quarter of that side (or
+    one): GPT-2 with 4 blocks and GPT-2 with 2 are not one body, nor an 8-layer MLP and a 4-layer
+    one; those are spread over depth instead.
+    """
+    by_suffix: dict[str, list[int]] = {}
+    for j, g in enumerate(g_good):
+        by_suffix.setdefault(g.name, []).append(j)
+    matched: list[tuple[int, int]] = []
+    for i, t in enumerate(t_good):
+        parts = t.name.split(".")
+        found = None
+        for start in range(len(parts)):  # the target name, then without its leading components
+            options = by_suffix.get(".".join(parts[start:]))
+            if options:
+                found = options
+                break
+        if found is None:
+            for j, g in enumerate(g_good):  # the guide's name longer (prefix on the guide side)
+                if g.name.endswith("." + t.name):
+                    found = [j]
+                    break
+        if found is not None and len(found) == 1 and g_good[found[0]].type == t.type:
+            matched.append((i, found[0]))
+    if len(matched) < 2 or [j for _, j in matched] != sorted(j for _, j in matched):
+        return None
+    t_hit, g_hit = {i for i, _ in matched}, {j for _, j in matched}
+    if len(g_hit) < len(matched):
+        return None
+    for hit, size in ((t_hit, len(t_good)), (g_hit, len(g_good))):
+        if any(k not in hit for k in range(max(hit) + 1)):
+            return None  # a layer without namesake inside the body: not one body
+        if size - len(hit) > max(1, size // 4):
+            return None  # many layers after the shared part: a deeper network, not another head
+    unmatched = [("target", t_good[i]) for i in range(len(t_good)) if i not in t_hit]
+    unmatched += [("guide", g_good[j]) for j in range(len(g_good)) if j not in g_hit]
+    return [(t_good[i], g_good[j]) for i, j in matched], unmatched
 
 
 def _paper_plan(
@@ -470,7 +664,7 @@ def _check_named_layers_ran(layers: Any, fired: dict[str, list[LayerInfo]]) -> N
         return  # "auto" skips what does not run; explicit pairs are checked by their own branch
     for side, spec in layers.items():
         names = {info.name for info in fired[side]}
-        exact = [] if spec == "auto" else [n for n in spec if not any(c in n for c in "*?[")]
+        exact = [] if spec in ("auto", *LEVELS) else [n for n in spec if not any(c in n for c in "*?[")]
         missing = [n for n in exact if n not in names]
         if missing:
             raise PlanError(
@@ -494,10 +688,15 @@ def _usable(
             )
         else:
             skipped.append((side, info))
-    if drop_output and len(good) > 1:
-        last = good.pop()
-        last.skip_reason = "output layer (logits), left out as in the paper; set exclude_output_layer=False"
-        skipped.append((side, last))
+    heads = [i for i in good if i.head] if drop_output else []
+    if heads and len(heads) < len(good):
+        for head in heads:
+            good.remove(head)
+            head.skip_reason = (
+                "output head (a linear layer whose output the model returns), left out as in the paper; "
+                "set exclude_output_layer=False to align it"
+            )
+            skipped.append((side, head))
     return good
 
 
@@ -514,9 +713,13 @@ def _pair(t: LayerInfo, g: LayerInfo, sequence: str, notes: list[str]) -> LayerP
 def _finish(plan: LayerPlan) -> LayerPlan:
     if not plan.pairs:
         raise PlanError("the layer plan is empty: no pair to align. Check the layers=... setting.")
-    for info in {id(p.target): p.target for p in plan.pairs}.values():
+    infos = {id(i): i for p in plan.pairs for i in (p.target, p.guide)}.values()
+    for info in infos:
         if info.calls > 1:
-            plan.notes.append(f"{info.name} ran {info.calls} times per forward; its last output is aligned")
+            plan.notes.append(
+                f"{info.name} ran {info.calls} times per forward: its outputs are stacked in call order as a "
+                f"sequence (n, {info.calls}, ...), one time step per call"
+            )
     return plan
 
 
@@ -531,7 +734,7 @@ def check_names(layers: Any, target: nn.Module, guide: nn.Module) -> dict[str, l
         >>> check_names([("0", "0")], net, net)
         {'target': ['0'], 'guide': ['0']}
     """
-    if layers in ("auto", "paper"):
+    if layers in ("auto", *LEVELS):
         return {"target": None, "guide": None}
     if isinstance(layers, list):
         out: dict[str, list[str] | None] = {}
@@ -547,6 +750,6 @@ def check_names(layers: Any, target: nn.Module, guide: nn.Module) -> dict[str, l
             out[side] = list(dict.fromkeys(names))
         return out
     return {
-        side: None if layers[side] == "auto" else resolve_names(model, layers[side], side)
+        side: None if layers[side] in ("auto", *LEVELS) else resolve_names(model, layers[side], side)
         for side, model in (("target", target), ("guide", guide))
     }

@@ -47,6 +47,10 @@ from .errors import ConfigError
 from .model import GuidedModel
 from .tasks import RunResult, accuracy, fit, random_batches
 
+# The lens measured its matrix at this level, as a plain sum divided by the pairs itself: pinned so
+# a change of library defaults cannot move docs/lens.md.
+MATCHING = {"layers": "sublayers", "reduction": "sum"}
+
 __all__ = ["Task", "ablations", "guidability", "load_factory", "format_table", "save_png", "symmetric_alignability"]
 
 Factory = Callable[[], nn.Module]
@@ -190,7 +194,7 @@ def _train(task: Task, target: nn.Module, guide: nn.Module | None, seed: int, st
 
 def _alignability(task: Task, target: nn.Module, guide: nn.Module, seed: int, steps: int) -> dict[str, float]:
     """Alignment-only training on the task's inputs: mean CKA at the start, the end, and on average."""
-    guided = GuidedModel(target, guide)
+    guided = GuidedModel(target, guide, **MATCHING)
     batches = task.stream(seed)
     opt = torch.optim.Adam(target.parameters(), lr=task.lr)
     target.train()
@@ -266,11 +270,13 @@ def guidability(
                 guide = _build(g_factory, g_name, 10_000 + seed).eval()
                 with torch.no_grad():
                     guide_pred = guide(task.x_test).argmax(1)
-                n_pairs = n_pairs or len(GuidedModel(_build(t_factory, t_name, seed), guide).plan(task.x[: task.batch]))
+                n_pairs = n_pairs or len(
+                    GuidedModel(_build(t_factory, t_name, seed), guide, **MATCHING).plan(task.x[: task.batch])
+                )
                 runs = {}
                 for label, window in (("full", None), ("warmup", warmup)):
                     runs[label] = _train(task, _build(t_factory, t_name, seed), guide, seed, steps, eval_every,
-                                         weight=weight / n_pairs, until_step=window)  # fmt: skip
+                                         weight=weight / n_pairs, until_step=window, **MATCHING)  # fmt: skip
                     bar(1)
                 align = _alignability(task, _build(t_factory, t_name, seed), guide, seed, align_steps)
                 bar(1)

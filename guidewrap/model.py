@@ -16,6 +16,7 @@ Examples:
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import sys
 import warnings
@@ -46,7 +47,9 @@ class GuidedModel(GuidanceInterface, nn.Module):
     target's forward signature is kept (the HF Trainer reads it).
 
     ``state_dict()`` holds the target's weights (under ``target.``) plus ``guidance_step``, the
-    optimizer-step counter, so a checkpoint resumes the window where it stopped.
+    optimizer-step counter, so a checkpoint resumes the window where it stopped, and, once the plan
+    is resolved, ``guidance_plan`` (its pairs and settings as JSON bytes): loading it into a run
+    whose plan differs warns, naming what changed.
     :meth:`save_pretrained` writes the target alone, in its own format.
 
     Args:
@@ -137,6 +140,18 @@ class GuidedModel(GuidanceInterface, nn.Module):
 
     def _store_step(self, step: int) -> None:
         self.guidance_step.fill_(step)
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._engine.has_plan:  # the plan's record, as bytes: safetensors and weights_only loads take it
+            record = json.dumps(self._engine.plan_record(), sort_keys=True).encode()
+            destination[prefix + "guidance_plan"] = torch.frombuffer(bytearray(record), dtype=torch.uint8)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        record = state_dict.pop(prefix + "guidance_plan", None)  # torch passes a copy: popping is safe
+        if record is not None:
+            self._engine.expect_plan(json.loads(bytes(record.to("cpu", torch.uint8).tolist()).decode()))
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     # ------------------------------------------------------------------ guidance API
 

@@ -21,9 +21,9 @@ __all__ = ["GuidedStep"]
 class GuidedStep:
     """The state of one guided forward: created by ``begin``, consumed by ``end``, then dropped.
 
-    ``prepared`` holds the guide's reduced layers, ``captured`` the target's layer outputs (written
-    by the taps while ``capturing``); ``noise`` marks a step whose alignment runs on noise after the
-    task forward (``guide_inputs="noise"``).
+    ``prepared`` holds the guide's reduced layers, ``captured`` the target's layer outputs, a list
+    per layer in call order (written by the taps while ``capturing``); ``noise`` marks a step whose
+    alignment runs on noise after the task forward (``guide_inputs="noise"``).
     """
 
     routed: Routed | None
@@ -32,10 +32,10 @@ class GuidedStep:
     noise: bool = False
     capturing: bool = False
     prepared: dict[tuple[str, str], Any] = field(default_factory=dict)
-    captured: dict[str, Any] = field(default_factory=dict)
+    captured: dict[str, list[Any]] = field(default_factory=dict)
 
     def capture(self, name: str, output: Any) -> None:
         # Only while the step's forward runs: recomputation under activation checkpointing
         # happens during backward, after capture has ended, and is not counted twice.
         if self.capturing:
-            self.captured[name] = output
+            self.captured.setdefault(name, []).append(output)  # a module run k times: its k calls

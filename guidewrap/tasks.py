@@ -290,13 +290,14 @@ def train_variant(
     weight: float = DEMO_WEIGHT,
     guide_factory: Callable[[], nn.Module] | None = None,
     layers: Any = None,
+    reduction: str = "sum",
 ) -> RunResult:
     """Train one variant of the demo; its scored result (the module's rule) and curves.
 
     ``baseline``: the MLP alone; ``guided``: plus ``weight * sum(1 - CKA)`` to an untrained CNN over
-    ``layers`` (default :data:`DEMO_PAIRS`); ``pre_align``: ``pre_align_steps`` of alignment on noise,
-    then alone; ``distill``: plus logit distillation from the same CNN. Variants of a seed start
-    from the same weights and see the same batches.
+    ``layers`` (default :data:`DEMO_PAIRS`; ``reduction="mean"`` divides by the pairs); ``pre_align``:
+    ``pre_align_steps`` of alignment on noise, then alone; ``distill``: plus logit distillation from
+    the same CNN. Variants of a seed start from the same weights and see the same batches.
 
     Examples:
         >>> d = load_mnist1d(num_samples=200, val_samples=20)
@@ -313,7 +314,7 @@ def train_variant(
     pairs = DEMO_PAIRS if layers is None else layers
     if variant == "pre_align":
         noise_shaped = data["x"][:batch]
-        GuidedModel(target, guide, layers=pairs, guide_inputs="noise", weight=weight).pre_align(
+        GuidedModel(target, guide, layers=pairs, reduction="sum", guide_inputs="noise", weight=weight).pre_align(
             noise_shaped, steps=pre_align_steps
         )
     curve: list[tuple[int, float, float, float]] = []
@@ -327,7 +328,8 @@ def train_variant(
     batches = random_batches(data["x"], data["y"], batch, seed)
     # No gradient clipping (clip=None), as in every published demo figure.
     loop = {"lr": lr, "clip": None, "progress": progress, "callback": evaluate}
-    fit(target, batches, nn.functional.cross_entropy, steps, guide, mode, **loop, weight=weight, layers=pairs)
+    pinned = {"weight": weight, "layers": pairs, "reduction": reduction}  # pinned: library defaults cannot move it
+    fit(target, batches, nn.functional.cross_entropy, steps, guide, mode, **loop, **pinned)
     return RunResult.from_curve(variant, seed, curve)
 
 

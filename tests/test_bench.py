@@ -7,6 +7,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -34,7 +36,7 @@ def test_bench_step_runs(capsys) -> None:
 
 
 def test_bench_memory_runs(capsys) -> None:
-    ratio = _load("memory").main(reps=1, batch=8, depth=2, seq_shape=(4, 6))
+    ratio = _load("memory").main(reps=1, batch=8, depth=2, seq_shape=(4, 6), fresh=False)
     assert ratio > 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("guided_mem_over_floor=")
 
@@ -51,3 +53,38 @@ def test_bench_approximation_runs(capsys) -> None:
     # size), never by much: a wrong subset (different every step, or misaligned) moves it far more.
     assert 0 < worst[512] <= 0.1
     assert "largest per-pair CKA change" in capsys.readouterr().out
+
+
+def test_bench_real_runs(capsys) -> None:
+    ratio = _load("real").main(reps=1, batch=8, length=16, vocab=200, width=32, tiny=True)
+    assert ratio > 0
+    out = capsys.readouterr().out
+    assert "matching: layers=auto" in out and "per_pair_overhead_us=" in out and "bert_guided_over_floor=" in out
+    assert out.strip().splitlines()[-1].startswith("lm_guided_over_floor=")
+
+
+def test_bench_ddp_runs() -> None:
+    """Two processes under torchrun at a tiny size; the figure's line is printed last."""
+    out = _load("ddp").main(reps=1, batch=4, length=16, vocab=200, width=32)
+    assert out.strip().splitlines()[-1].startswith("ddp_guided_over_floor=") and "matching: layers=auto" in out
+
+
+def test_bench_memory_fresh_processes_run(capsys) -> None:
+    ratio = _load("memory").main(reps=1, batch=8, depth=2, seq_shape=(4, 6), fresh=True)
+    assert ratio > 0 and "fresh processes" in capsys.readouterr().out
+
+
+def test_bench_peers_runs(capsys) -> None:
+    pytest.importorskip("cka")  # the bench extra (in dev): pytorch-cka and torch-cka
+    pytest.importorskip("torch_cka")
+    ratio = _load("peers").main(reps=1, ns=(16,), ds=(8,))
+    out = capsys.readouterr().out
+    assert ratio > 0 and out.strip().splitlines()[-1].startswith("fwd_over_fastest_peer=")
+    errors = _load("peers").offset_errors(n=64, d=32)
+    assert errors["guidewrap"] < 1e-3  # centred before the Gram: offset data keeps its signal
+
+
+def test_bench_gpu_tiny_cpu_mode_runs(capsys) -> None:
+    ratio = _load("gpu").main(reps=1, tiny=True)
+    out = capsys.readouterr().out
+    assert ratio > 0 and "bf16 autocast" in out and out.strip().splitlines()[-1].startswith("gpu_guided_over_floor=")

@@ -35,7 +35,11 @@ def test_plan_prints_pairs(capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["plan", "torchvision.models:resnet18", "torchvision.models:resnet18", "--input-shape", "4,3,32,32"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "guidance plan: 21 pairs" in out and "layer1.0.conv1" in out
+    assert "guidance plan: 21 pairs" in out and "layer1.0.conv1" in out  # the default level: sublayers
+    argv = ["plan", "torchvision.models:resnet18", "torchvision.models:resnet18", "--input-shape", "4,3,32,32"]
+    assert main([*argv, "--layers", "blocks"]) == 0
+    out = capsys.readouterr().out
+    assert "guidance plan: 8 pairs" in out and "layer1.0 (BasicBlock)" in out
 
 
 @pytest.mark.parametrize(

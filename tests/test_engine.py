@@ -71,7 +71,7 @@ def test_batched_pairs_equal_per_pair_cka(width: int, guide_depth: int) -> None:
 
     torch.manual_seed(0)
     target, guide = mlp(width=width, depth=4), mlp(width=width + 3, depth=guide_depth)
-    guided = GuidedModel(target, guide)
+    guided = GuidedModel(target, guide, reduction="sum")
     x = torch.randn(24, 8)
     guided(x)
     guided.alignment_loss.backward()
@@ -298,7 +298,8 @@ def test_paper_counts_resnet18_guide() -> None:
     deep_fcn = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 64),
                              *[m for _ in range(47) for m in (nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU())],
                              nn.Linear(64, 10))  # fmt: skip
-    plan = GuidedModel(deep_fcn, torchvision.models.resnet18(weights=None)).plan(torch.randn(4, 3, 32, 32))
+    resnet = torchvision.models.resnet18(weights=None)
+    plan = GuidedModel(deep_fcn, resnet, layers="sublayers").plan(torch.randn(4, 3, 32, 32))
     assert len(plan) == 21  # the paper: deep FCN (48 hooked) <- ResNet-18 (21 hooked): 21 terms
     assert plan.pairs[0].target.name == "1" and plan.pairs[-1].target.name == "140"
 
@@ -552,15 +553,15 @@ def test_max_features_approximation_error_is_bounded() -> None:
     )
     guide = torchvision.models.resnet18(weights=None, num_classes=10)
     x = torch.randn(64, 3, 32, 32)
-    exact = GuidedModel(target, guide, exclude_output_layer=False)
+    exact = GuidedModel(target, guide, exclude_output_layer=False, layers="sublayers")
     exact(x)
-    approx = GuidedModel(target, guide, exclude_output_layer=False, max_features=4096)
+    approx = GuidedModel(target, guide, exclude_output_layer=False, max_features=4096, layers="sublayers")
     approx(x)
     assert exact.last_alignment.keys() == approx.last_alignment.keys()
     errors = [abs(exact.last_alignment[k] - approx.last_alignment[k]) for k in exact.last_alignment]
     assert 0 < max(errors) <= 0.02  # measured 0.004; > 0: the approximation did change the widest pairs
     assert approx.alignment_loss.item() == pytest.approx(exact.alignment_loss.item(), rel=0.005)
-    again = GuidedModel(target, guide, exclude_output_layer=False, max_features=4096)
+    again = GuidedModel(target, guide, exclude_output_layer=False, max_features=4096, layers="sublayers")
     again(x)
     assert again.alignment_loss.item() == approx.alignment_loss.item()  # the same subset every time
 

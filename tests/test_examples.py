@@ -77,3 +77,16 @@ def test_demo_study_resumes_and_reports_paired_differences(tmp_path, capsys: pyt
     diffs = [runs["guided"][s]["test_acc"] - runs["baseline"][s]["test_acc"] for s in (0, 1)]
     assert f"per seed {diffs[0]:+.3f} / {diffs[1]:+.3f}" in text  # the report's numbers are the runs'
     assert (tmp_path / "paired.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_matching_study_runs_resumes_and_reports(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+    study = _load("matching_study")
+    rows = study.main(["copy", "demo"], ["alone", "blocks/mean", "paper"], [0], tmp_path, smoke=True)
+    assert len(rows) == 6 and len(list(tmp_path.glob("*.json"))) == 6
+    by = {(r["task"], r["setting"]): r for r in rows}
+    assert by[("copy", "paper")]["pairs"] == 4 and by[("copy", "blocks/mean")]["pairs"] == 4
+    assert by[("demo", "paper")]["score"] is None  # the paper's types have no Conv1d: reported, not hidden
+    again = study.main(["copy", "demo"], ["alone", "blocks/mean", "paper"], [0], tmp_path, smoke=True)
+    assert again == rows  # resumed from the saved runs, nothing retrained
+    table = study.report(tmp_path)
+    assert "| copy | blocks/mean | 4 |" in table and "not applicable: no layer of the paper's types" in table

@@ -34,7 +34,8 @@ def test_the_gain_is_the_paired_difference_of_two_runs_on_identical_batches() ->
         seed = row["seed"]
         alone, _ = lens._train(task, lens._build(_target, "t", seed), None, seed, 12, 4)
         guide = lens._build(_guide, "g", 10_000 + seed).eval()
-        full, _ = lens._train(task, lens._build(_target, "t", seed), guide, seed, 12, 4, weight=1.0 / row["pairs"])
+        full, _ = lens._train(task, lens._build(_target, "t", seed), guide, seed, 12, 4, weight=1.0 / row["pairs"],
+                              **lens.MATCHING)  # fmt: skip
         assert row["acc_alone"] == alone.test_acc and row["acc_full"] == full.test_acc
         assert row["gain_full"] == full.test_acc - alone.test_acc
     summary = result["cells"][0]["summary"]["gain_full"]

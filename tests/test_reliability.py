@@ -388,7 +388,9 @@ def test_fuzzed_architectures_train(  # noqa: ANN001
                         want = linear_cka_textbook(a - a.mean(0), b - b.mean(0)).item()
                         assert measured[pair.key] == pytest.approx(want, abs=2e-4), f"{pair.key}\n{plan}"
                     else:  # skipped pairs must really be unmeasurable
-                        assert batch < 2 or not (a.std(0).max() > 0 and b.std(0).max() > 0), f"{pair.key} skipped"
+                        # float64 rounding leaves ~1e-16 spread on a layer that is constant in float32
+                        varies = lambda v: v.std(0).max() > 1e-9 * (1 + v.abs().max())  # noqa: E731
+                        assert batch < 2 or not (varies(a) and varies(b)), f"{pair.key} skipped"
             if twist == "deepcopy_mid_step":
                 snapshot = copy.deepcopy(target)  # between the forward and the backward
                 snapshot(inputs)
@@ -788,3 +790,32 @@ def test_a_compiled_guided_step_has_no_graph_break() -> None:
     assert explained.graph_break_count == 0, reasons
     eager = step(x)
     assert torch.isfinite(eager) and guided.last_alignment  # values are read after the step, eagerly
+
+
+def test_compiled_steps_recompile_only_at_the_start_and_the_window_edge() -> None:
+    """The step counter and the decaying weight change every step; neither may become a guard that
+    recompiles every step (before: one new graph per step until the cache limit, then eager)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    target = nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+    guide = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 10))
+    opt = torch.optim.SGD(target.parameters(), lr=0.01)
+    guided = GuidedModel(target, guide, optimizer=opt, until_step=6, decay="linear")
+    x = torch.randn(16, 3, 4, 4)
+    guided(x)  # plans eagerly
+    before = counters["stats"]["unique_graphs"]
+    step = torch.compile(lambda x: guided(x).sum() + guided.alignment_loss, backend="eager")
+    terms = []
+    for _ in range(9):
+        loss = step(x)
+        terms.append(guided.alignment_loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    graphs = counters["stats"]["unique_graphs"] - before
+    assert graphs <= 3, f"{graphs} graphs for 9 steps: something the step reads changes every step"
+    assert guided.engine.counters["guided_forwards"] == 1 + 6  # the eager planning forward, steps 0-5 compiled
+    assert all(t > 0 for t in terms[:6]) and terms[6:] == [0.0] * 3  # the decayed weight, then the window is over
+    assert terms[0] > terms[3]  # the weight decays inside one graph

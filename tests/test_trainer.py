@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -311,3 +312,26 @@ def test_run_clm_shape_eval_accumulation_resume_bit_identical_and_plain_loading(
     loaded = torch.load(tmp_path / "loaded.pt")
     for name, value in resumed.model.state_dict().items():
         assert torch.equal(loaded[name], value), f"{name} did not load as saved"
+
+
+def test_checkpoints_record_the_plan_and_a_resume_with_another_plan_warns(tmp_path: Path) -> None:
+    import json
+
+    from guidewrap.errors import GuidewrapWarning
+
+    def trainer_for(folder: str, **settings) -> Trainer:  # noqa: ANN003
+        args = _args(tmp_path, output_dir=str(tmp_path / folder), save_strategy="steps", save_steps=2)
+        trainer = OrderedTrainer(model=_rnn(), args=args, train_dataset=CORPUS.dataset())
+        guide_trainer(trainer, _gpt2(), until_step=4, **settings)
+        return trainer
+
+    trainer_for("first").train()
+    state = json.loads((tmp_path / "first" / "checkpoint-2" / "trainer_state.json").read_text())
+    record = state["stateful_callbacks"]["guidewrap_plan"]
+    assert record["settings"]["layers"] == "auto" and len(record["pairs"]) == 13 and record["fingerprint"]
+    checkpoint = str(tmp_path / "first" / "checkpoint-2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GuidewrapWarning)
+        trainer_for("same").train(resume_from_checkpoint=checkpoint)  # the same plan: silent
+    with pytest.warns(GuidewrapWarning, match=r"different guidance plan.*layers 'auto' -> 'blocks'.*pairs 13 -> 2"):
+        trainer_for("other", layers="blocks").train(resume_from_checkpoint=checkpoint)

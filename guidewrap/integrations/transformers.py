@@ -53,6 +53,9 @@ from transformers import TrainerCallback
 
 __all__ = ["GuidanceCallback", "guide_trainer"]
 
+# Where checkpoints (trainer_state.json) record the guidance plan.
+PLAN_KEY = "guidewrap_plan"
+
 
 class GuidanceCallback(TrainerCallback):
     """Trainer callback that runs guidance on the Trainer's model; create it with :func:`guide_trainer`.
@@ -148,11 +151,17 @@ class GuidanceCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.engine.set_step(state.global_step)  # resumed runs continue the window
+        record = (getattr(state, "stateful_callbacks", None) or {}).get(PLAN_KEY)
+        if isinstance(record, dict):  # a resumed checkpoint's plan: a different plan warns
+            self.engine.expect_plan(record)
         if not self.engine.schedule.is_finished(state.global_step):
             self.attach()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.engine.set_step(state.global_step)
+        if self.engine.has_plan and isinstance(getattr(state, "stateful_callbacks", None), dict):
+            # trainer_state.json of every checkpoint records the plan (written after this event)
+            state.stateful_callbacks.setdefault(PLAN_KEY, self.engine.plan_record())
         if self.engine.schedule.is_finished(state.global_step):
             self.detach()  # after the window no hook costs time
 
