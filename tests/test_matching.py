@@ -199,7 +199,7 @@ class _CellLoop(nn.Module):
 
 
 def _linear_cka64(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().flatten(1), b.double().flatten(1)
+    a, b = a.detach().double().flatten(1), b.detach().double().flatten(1)
     a, b = a - a.mean(0), b - b.mean(0)
     return float((a.T @ b).norm() ** 2 / ((a.T @ a).norm() * (b.T @ b).norm()))
 
