@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,27 +45,26 @@ def worker(reps: int, batch: int, length: int, vocab: int, width: int) -> None:
     plain_model = DistributedDataParallel(plain_target)
     guided = GuidedModel(target, guide, **MATCHING)
     guided_model = DistributedDataParallel(guided)
-    opt = torch.optim.AdamW(target.parameters(), lr=1e-4)
-    plain_opt = torch.optim.AdamW(plain_target.parameters(), lr=1e-4)
 
-    def plain() -> None:
-        loss = plain_model(input_ids=ids, labels=ids).loss
-        plain_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        plain_opt.step()
+    def train_step(model: torch.nn.Module, params: torch.nn.Module) -> Callable[[], None]:
+        opt = torch.optim.AdamW(params.parameters(), lr=1e-4)
+
+        def step() -> None:
+            loss = model(input_ids=ids, labels=ids).loss  # the guided model's output.loss holds the term
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return step
+
+    plain = train_step(plain_model, plain_target)
 
     def floor() -> None:
         with torch.inference_mode():
             guide(input_ids=ids)
         plain()
 
-    def guided_step() -> None:
-        loss = guided_model(input_ids=ids, labels=ids).loss  # the term is in output.loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    steps = {"plain": plain, "floor": floor, "guided": guided_step}
+    steps = {"plain": plain, "floor": floor, "guided": train_step(guided_model, target)}
     for fn in steps.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in steps}

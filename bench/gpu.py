@@ -62,35 +62,36 @@ def main(reps: int = 20, tiny: bool = False) -> float:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
     side = torch.cuda.Stream() if device.type == "cuda" else None
 
-    def plain() -> None:
-        with autocast:
-            loss = target(input_ids=ids, labels=ids).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def train_step(model: torch.nn.Module) -> Callable[[], None]:
+        def step() -> None:
+            with autocast:
+                loss = model(input_ids=ids, labels=ids).loss  # a GuidedModel's loss holds the term
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
 
-    def floor() -> None:
+        return step
+
+    plain = train_step(target)
+
+    def guide_forward() -> None:
         with torch.inference_mode(), autocast:
             guide(input_ids=ids)
+
+    def floor() -> None:
+        guide_forward()
         plain()
 
     def floor_overlap() -> None:
         if side is not None:
             side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side) if side is not None else nullcontext(), torch.inference_mode(), autocast:
-            guide(input_ids=ids)
+        with torch.cuda.stream(side) if side is not None else nullcontext():
+            guide_forward()
         plain()
         if side is not None:
             torch.cuda.current_stream().wait_stream(side)
 
-    def guided_step() -> None:
-        with autocast:
-            loss = guided(input_ids=ids, labels=ids).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    steps = {"plain": plain, "floor": floor, "floor_overlap": floor_overlap, "guided": guided_step}
+    steps = {"plain": plain, "floor": floor, "floor_overlap": floor_overlap, "guided": train_step(guided)}
     timer = _timer(device)
     for fn in steps.values():
         fn()

@@ -85,24 +85,23 @@ def make_steps(
     guided = GuidedModel(target, guide, **settings)
     guide.eval()
 
-    def plain() -> None:
-        loss = target(**batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def train_step(model: nn.Module) -> Callable[[], None]:
+        def step() -> None:
+            loss = model(**batch).loss  # a GuidedModel's output.loss already holds the alignment term
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return step
+
+    plain = train_step(target)
 
     def floor() -> None:
         with torch.inference_mode():
             guide(**guide_batch)
         plain()
 
-    def guided_step() -> None:
-        loss = guided(**batch).loss  # the alignment term is already in output.loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return {"plain": plain, "floor": floor, "guided": guided_step}
+    return {"plain": plain, "floor": floor, "guided": train_step(guided)}
 
 
 def time_steps(steps: dict[str, Callable[[], None]], reps: int) -> dict[str, float]:

@@ -24,24 +24,8 @@ from pathlib import Path
 
 import torch
 from lab.common import batch_stream, fit, seeded, summarize
-from lab.language import BUILTIN_TEXT, perplexity, python_docs_text
+from lab.language import BUILTIN_TEXT, LSTMLanguageModel, perplexity, python_docs_text
 from torch import Tensor, nn
-
-
-class LSTMLanguageModel(nn.Module):
-    """Embedding, ``layers`` separate LSTMs (each one hookable layer), linear head over the vocabulary."""
-
-    def __init__(self, vocab: int, hidden: int = 128, layers: int = 4) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, hidden)
-        self.lstms = nn.ModuleList(nn.LSTM(hidden, hidden, batch_first=True) for _ in range(layers))
-        self.head = nn.Linear(hidden, vocab)
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        h = self.emb(input_ids)
-        for lstm in self.lstms:
-            h = lstm(h)[0]
-        return self.head(h)
 
 
 def minilm(pretrained: bool) -> tuple[nn.Module, object]:

@@ -24,8 +24,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from lab.language import CharCorpus, python_docs_text, tiny_gpt2
-from matching_study import SETTINGS, StackedLSTM
+from lab.language import CharCorpus, LSTMLanguageModel, python_docs_text, tiny_gpt2
+from matching_study import SETTINGS
 from torch import Tensor, nn
 
 from guidewrap import GuidedModel
@@ -76,7 +76,7 @@ def _cases(seed: int) -> dict[str, tuple[Callable[[], nn.Module], Callable[[], n
             images,
             lambda out, _: nn.functional.cross_entropy(out, classes),
         ),
-        "lstm<-gpt2": (lambda: StackedLSTM(v, 128, 4), lambda: tiny_gpt2(v, 4, 128, 4, 64), ids, _lm_loss),
+        "lstm<-gpt2": (lambda: LSTMLanguageModel(v, 128, 4), lambda: tiny_gpt2(v, 4, 128, 4, 64), ids, _lm_loss),
     }
 
 

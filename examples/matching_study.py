@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from lab.common import fit, seeded
 from lab.copy_paste import CausalTransformer, CopyPasteTask, StackedRNN, held_out_accuracy, task_batches, task_loss
-from lab.language import CharCorpus, perplexity, python_docs_text, tiny_gpt2
+from lab.language import CharCorpus, LSTMLanguageModel, perplexity, python_docs_text, tiny_gpt2
 from torch import Tensor, nn
 
 import guidewrap
@@ -50,22 +50,6 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 TASKS = ("demo", "copy", "lm", "gpt2<-lstm", "lstm<-gpt2")
 HIGHER_IS_BETTER = {"demo": True, "copy": True, "lm": False, "gpt2<-lstm": False, "lstm<-gpt2": False}
-
-
-class StackedLSTM(nn.Module):
-    """Embedding, ``layers`` separate LSTMs (each one block), linear head."""
-
-    def __init__(self, vocab: int, hidden: int = 128, layers: int = 4) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, hidden)
-        self.lstms = nn.ModuleList(nn.LSTM(hidden, hidden, batch_first=True) for _ in range(layers))
-        self.head = nn.Linear(hidden, vocab)
-
-    def forward(self, input_ids: Tensor) -> Tensor:
-        h = self.emb(input_ids)
-        for lstm in self.lstms:
-            h = lstm(h)[0]
-        return self.head(h)
 
 
 def _logits(out: Any) -> Tensor:
@@ -139,7 +123,7 @@ def run_one(task: str, setting: str, seed: int, smoke: bool = False) -> dict[str
             return tiny_gpt2(v, n_layer=4, n_embd=d, n_head=4, n_positions=64)
 
         def lstm() -> nn.Module:
-            return StackedLSTM(v, hidden=d, layers=4)
+            return LSTMLanguageModel(v, hidden=d, layers=4)
 
         make_target, make_guide = {"lm": (rnn, transformer), "gpt2<-lstm": (gpt2, lstm), "lstm<-gpt2": (lstm, gpt2)}[
             task

@@ -22,7 +22,7 @@ from torch import nn
 
 from .capture import SEQUENCE_MODES
 from .errors import ConfigError
-from .layers import LEVELS
+from .layers import level_of
 from .metrics import Metric, get_metric
 from .schedules import GuidanceSchedule
 
@@ -162,14 +162,14 @@ class GuidanceConfig:
 
 
 def _validate_layers(layers: LayerSpec) -> LayerSpec:
-    if isinstance(layers, str) and layers in ("auto", *LEVELS):
+    if level_of(layers):
         return layers
     if isinstance(layers, dict):
         if set(layers) != {"target", "guide"}:
             raise ConfigError(f"layers dict needs exactly the keys 'target' and 'guide', got {sorted(layers)}")
         out = {}
         for side, spec in layers.items():
-            if spec in ("auto", "blocks", "sublayers"):
+            if level_of(spec) in ("blocks", "sublayers"):  # "paper" is a rule for both sides together
                 out[side] = spec
             elif isinstance(spec, str):
                 out[side] = [spec]

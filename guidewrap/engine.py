@@ -52,13 +52,13 @@ from .hooks import HookSet, watch_double_count
 from .inputs import Routed, call_guide, first_tensor, float_dtype, noise_call, route
 from .layers import (
     DEFAULT_LAYER_TYPES,
-    DEFAULT_LEVEL,
     PAPER_LAYER_TYPES,
     LayerPlan,
     block_names,
     build_plan,
     check_names,
     layout_conflicts,
+    level_of,
     probe,
 )
 from .step import GuidedStep
@@ -500,8 +500,9 @@ class GuidanceEngine:
         self.busy = True
         try:
             for side in ("target", "guide"):
+                names = self._candidates(side, notes)
                 for _attempt in range(2):
-                    layers = self._probe(side, args, kwargs, routed)
+                    layers = self._probe(side, names, args, kwargs, routed)
                     conflicts = layout_conflicts(layers, routed.n)
                     if not conflicts:
                         break
@@ -520,9 +521,6 @@ class GuidanceEngine:
                     g_layers = layers
         finally:
             self.busy = False
-        for side, model in (("target", self.target), ("guide", self.guide)):
-            if self._names[side] is None and self._level(side) == "blocks" and not block_names(model):
-                notes.append(f"the {side} has no repeated blocks: its sub-layers are aligned (level 'sublayers')")
         self._plan = build_plan(
             t_layers, g_layers, self.config.layers, self.config.sequence, self.config.exclude_output_layer
         )
@@ -531,11 +529,20 @@ class GuidanceEngine:
         self._taps.remove()
         return routed
 
-    def _probe(self, side: str, args: tuple[Any, ...], kwargs: dict[str, Any], routed: Routed) -> list[Any]:
-        model = self.target if side == "target" else self.guide
+    def _candidates(self, side: str, notes: list[str]) -> list[str] | None:
+        """The modules a side's probe records: named ones, its blocks, or (``None``) every module of
+        ``layer_types``; a ``"blocks"`` side without repeated blocks falls back to the latter."""
         names = self._names[side]
-        if names is None and self._level(side) == "blocks":
-            names = block_names(model) or None  # no repeated blocks: every sub-layer (see the plan's note)
+        if names is not None or self._level(side) != "blocks":
+            return names
+        blocks = block_names(self.target if side == "target" else self.guide)
+        if not blocks:
+            notes.append(f"the {side} has no repeated blocks: its sub-layers are aligned (level 'sublayers')")
+        return blocks or None
+
+    def _probe(
+        self, side: str, names: list[str] | None, args: tuple[Any, ...], kwargs: dict[str, Any], routed: Routed
+    ) -> list[Any]:
         if side == "target":
             with torch.no_grad():
                 run = lambda: self.target(*args, **kwargs)  # noqa: E731
@@ -547,10 +554,7 @@ class GuidanceEngine:
     def _level(self, side: str) -> str | None:
         """The matching level of a side with automatic discovery (``None`` for named layers)."""
         spec = self.config.layers
-        spec = spec[side] if isinstance(spec, dict) else spec
-        if not isinstance(spec, str):
-            return None
-        return DEFAULT_LEVEL if spec == "auto" else spec
+        return level_of(spec[side] if isinstance(spec, dict) else spec)
 
     def _axis_from_evidence(
         self, side: str, conflicts: list[Any], args: tuple[Any, ...], kwargs: Mapping[str, Any], routed: Routed

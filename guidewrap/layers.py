@@ -37,6 +37,7 @@ __all__ = [
     "LayerPair",
     "LayerPlan",
     "block_names",
+    "level_of",
     "list_layers",
     "spread",
 ]
@@ -85,6 +86,19 @@ PAPER_LAYER_TYPES: tuple[str, ...] = (
 # of DEFAULT_LAYER_TYPES) or "paper" (the published code's rule). "auto" is DEFAULT_LEVEL.
 LEVELS: tuple[str, ...] = ("blocks", "sublayers", "paper")
 DEFAULT_LEVEL = "sublayers"  # chosen by the matching study (docs/results.md, "Matching")
+
+
+def level_of(spec: Any) -> str | None:
+    """The level a ``layers`` spec (or one side's spec) selects; ``None`` for named layers.
+
+    Examples:
+        >>> level_of("auto"), level_of("blocks"), level_of(["fc1"])
+        ('sublayers', 'blocks', None)
+    """
+    if not isinstance(spec, str) or spec not in ("auto", *LEVELS):
+        return None
+    return DEFAULT_LEVEL if spec == "auto" else spec
+
 
 # Blocks on their own: a recurrent layer or a transformer layer is a block wherever it sits.
 _ATOMIC_BLOCKS = (nn.RNNBase, nn.RNNCellBase, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
@@ -263,7 +277,7 @@ def block_names(model: nn.Module) -> list[str]:
 
 def _has_blocks(module: nn.Module) -> bool:
     """Whether blocks exist inside ``module`` (so a container of blocks is looked into)."""
-    return bool(block_names(module)) if next(module.children(), None) is not None else False
+    return bool(block_names(module))
 
 
 # --------------------------------------------------------------------------- name resolution
@@ -375,23 +389,22 @@ def probe(
         candidates = {name: modules[name] for name in names}
     seen: dict[str, LayerInfo] = {}
     last: dict[str, Tensor] = {}  # each layer's latest output tensor, for the identity checks
-    finished: list[str] = []  # names in the order their (last) call returned
+    finished: dict[str, None] = {}  # names in the order their (last) call returned
 
     def make_hook(name: str, module: nn.Module) -> Callable[..., None]:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
             tensor = extract(output)[0]
             if tensor is not None:
                 last[name] = tensor
-            if name in finished:
-                finished.remove(name)
-            finished.append(name)
+            finished.pop(name, None)
+            finished[name] = None
             if name not in seen:
                 seen[name] = describe(model, name, module, output, n, input_axis)
                 return
             first, again = seen[name], describe(model, name, module, output, n, input_axis)
             first.calls += 1
             if first.skip_reason is None and (again.shape, again.batch_dim) != (first.shape, first.batch_dim):
-                # Calls are stacked as a sequence (see _stack_calls): that needs one layout for all.
+                # Calls are stacked as a sequence (alignment.stack_calls): that needs one layout for all.
                 first.skip_reason = (
                     f"runs {first.calls}+ times per forward with different output layouts ({first.shape}, batch axis "
                     f"{first.batch_dim}, then {again.shape}, batch axis {again.batch_dim}); align a module that runs "
@@ -444,7 +457,7 @@ def _float_tensors(value: Any) -> Iterator[Tensor]:
             yield from _float_tensors(item)
 
 
-def _skip_same_tensor(infos: list[LayerInfo], last: dict[str, Tensor], finished: list[str]) -> None:
+def _skip_same_tensor(infos: list[LayerInfo], last: dict[str, Tensor], finished: dict[str, None]) -> None:
     """Of layers whose outputs are one and the same tensor (a post-norm ``TransformerEncoderLayer``
     returns its ``norm2``'s output), keep the one that returns last (the outer module)."""
     order = {name: i for i, name in enumerate(finished)}
@@ -545,11 +558,8 @@ def build_plan(
     if layers == "paper":
         return _paper_plan(target_layers, guide_layers, skipped, notes)
     _check_named_layers_ran(layers, {"target": target_layers, "guide": guide_layers})
-    automatic = {"auto", *LEVELS}
-    t_spec = layers["target"] if isinstance(layers, dict) else layers
-    g_spec = layers["guide"] if isinstance(layers, dict) else layers
-    t_auto = isinstance(t_spec, str) and t_spec in automatic
-    g_auto = isinstance(g_spec, str) and g_spec in automatic
+    t_auto = level_of(layers["target"] if isinstance(layers, dict) else layers) is not None
+    g_auto = level_of(layers["guide"] if isinstance(layers, dict) else layers) is not None
     t_good = _usable(target_layers, "target", not t_auto, exclude_output_layer and t_auto, skipped)
     g_good = _usable(guide_layers, "guide", not g_auto, exclude_output_layer and g_auto, skipped)
     if not t_good or not g_good:
@@ -664,7 +674,7 @@ def _check_named_layers_ran(layers: Any, fired: dict[str, list[LayerInfo]]) -> N
         return  # "auto" skips what does not run; explicit pairs are checked by their own branch
     for side, spec in layers.items():
         names = {info.name for info in fired[side]}
-        exact = [] if spec in ("auto", *LEVELS) else [n for n in spec if not any(c in n for c in "*?[")]
+        exact = [] if level_of(spec) else [n for n in spec if not any(c in n for c in "*?[")]
         missing = [n for n in exact if n not in names]
         if missing:
             raise PlanError(
@@ -734,7 +744,7 @@ def check_names(layers: Any, target: nn.Module, guide: nn.Module) -> dict[str, l
         >>> check_names([("0", "0")], net, net)
         {'target': ['0'], 'guide': ['0']}
     """
-    if layers in ("auto", *LEVELS):
+    if level_of(layers):
         return {"target": None, "guide": None}
     if isinstance(layers, list):
         out: dict[str, list[str] | None] = {}
@@ -750,6 +760,6 @@ def check_names(layers: Any, target: nn.Module, guide: nn.Module) -> dict[str, l
             out[side] = list(dict.fromkeys(names))
         return out
     return {
-        side: None if layers[side] in ("auto", *LEVELS) else resolve_names(model, layers[side], side)
+        side: None if level_of(layers[side]) else resolve_names(model, layers[side], side)
         for side, model in (("target", target), ("guide", guide))
     }

@@ -199,9 +199,10 @@ class _CellLoop(nn.Module):
 
 
 def _linear_cka64(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double().flatten(1), b.detach().double().flatten(1)
-    a, b = a - a.mean(0), b - b.mean(0)
-    return float((a.T @ b).norm() ** 2 / ((a.T @ a).norm() * (b.T @ b).norm()))
+    """The shared float64 textbook reference on flattened activations."""
+    from reference import linear_cka_textbook
+
+    return float(linear_cka_textbook(a.detach().double().flatten(1), b.detach().double().flatten(1)))
 
 
 @pytest.mark.parametrize("cell", ["LSTMCell", "GRUCell", "RNNCell"])

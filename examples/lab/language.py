@@ -20,7 +20,15 @@ from torch import Tensor, nn
 
 from .copy_paste import StackedRNN
 
-__all__ = ["RNNLanguageModel", "CharCorpus", "tiny_gpt2", "BUILTIN_TEXT", "perplexity", "python_docs_text"]
+__all__ = [
+    "RNNLanguageModel",
+    "LSTMLanguageModel",
+    "CharCorpus",
+    "tiny_gpt2",
+    "BUILTIN_TEXT",
+    "perplexity",
+    "python_docs_text",
+]
 
 IGNORE = -100
 
@@ -83,6 +91,30 @@ class RNNLanguageModel(nn.Module):
                 logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE
             )
         return out
+
+
+class LSTMLanguageModel(nn.Module):
+    """Embedding, ``layers`` separate LSTMs (each one hookable layer and one block), linear head over
+    the vocabulary; ``attention_mask`` is accepted and unused (right padding leaves real positions as
+    they are).
+
+    Examples:
+        >>> import torch
+        >>> LSTMLanguageModel(vocab=10, hidden=8, layers=2)(torch.randint(0, 10, (2, 5))).shape
+        torch.Size([2, 5, 10])
+    """
+
+    def __init__(self, vocab: int, hidden: int = 128, layers: int = 4) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, hidden)
+        self.lstms = nn.ModuleList(nn.LSTM(hidden, hidden, batch_first=True) for _ in range(layers))
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        h = self.emb(input_ids)
+        for lstm in self.lstms:
+            h = lstm(h)[0]
+        return self.head(h)
 
 
 def tiny_gpt2(vocab_size: int, n_layer: int = 4, n_embd: int = 64, n_head: int = 4, n_positions: int = 256) -> Any:

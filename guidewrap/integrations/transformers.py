@@ -159,9 +159,10 @@ class GuidanceCallback(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.engine.set_step(state.global_step)
-        if self.engine.has_plan and isinstance(getattr(state, "stateful_callbacks", None), dict):
-            # trainer_state.json of every checkpoint records the plan (written after this event)
-            state.stateful_callbacks.setdefault(PLAN_KEY, self.engine.plan_record())
+        records = getattr(state, "stateful_callbacks", None)
+        if self.engine.has_plan and isinstance(records, dict) and PLAN_KEY not in records:
+            # trainer_state.json of every checkpoint records the plan (written after this event); once
+            records[PLAN_KEY] = self.engine.plan_record()
         if self.engine.schedule.is_finished(state.global_step):
             self.detach()  # after the window no hook costs time
 
