@@ -335,3 +335,5 @@ def test_checkpoints_record_the_plan_and_a_resume_with_another_plan_warns(tmp_pa
         trainer_for("same").train(resume_from_checkpoint=checkpoint)  # the same plan: silent
     with pytest.warns(GuidewrapWarning, match=r"different guidance plan.*layers 'auto' -> 'blocks'.*pairs 13 -> 2"):
         trainer_for("other", layers="blocks").train(resume_from_checkpoint=checkpoint)
+    later = json.loads((tmp_path / "other" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert later["stateful_callbacks"]["guidewrap_plan"]["settings"]["layers"] == "blocks"  # this run's plan

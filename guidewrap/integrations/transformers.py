@@ -151,9 +151,10 @@ class GuidanceCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.engine.set_step(state.global_step)  # resumed runs continue the window
-        record = (getattr(state, "stateful_callbacks", None) or {}).get(PLAN_KEY)
-        if isinstance(record, dict):  # a resumed checkpoint's plan: a different plan warns
-            self.engine.expect_plan(record)
+        records = getattr(state, "stateful_callbacks", None)
+        record = records.pop(PLAN_KEY, None) if isinstance(records, dict) else None
+        if isinstance(record, dict):  # a resumed checkpoint's plan: a different plan warns, and this
+            self.engine.expect_plan(record)  # run's checkpoints record this run's plan
         if not self.engine.schedule.is_finished(state.global_step):
             self.attach()
 
