@@ -84,6 +84,16 @@ def test_bench_peers_runs(capsys) -> None:
     assert errors["guidewrap"] < 1e-3  # centred before the Gram: offset data keeps its signal
 
 
+def test_bench_compile_tiny_mode_runs(capsys) -> None:
+    """bench/compile.py with tiny models and dynamo's eager backend (no C++ build): it finds no
+    graph break in guidewrap's code on either case and prints its headline last."""
+    pytest.importorskip("transformers")
+    ratio = _load("compile").main(reps=1, backend="eager", tiny=True)
+    out = capsys.readouterr().out
+    assert ratio > 0 and out.strip().splitlines()[-1].startswith("compiled_overhead_over_eager=")
+    assert "fcn_guidewrap_graph_breaks=0" in out and "gpt2_guidewrap_graph_breaks=0" in out
+
+
 def test_bench_gpu_tiny_cpu_mode_runs(capsys) -> None:
     ratio = _load("gpu").main(reps=1, tiny=True)
     out = capsys.readouterr().out

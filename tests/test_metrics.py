@@ -85,6 +85,14 @@ def test_fast_forms_equal_textbook(case: tuple[int, int, int, int]) -> None:
                 assert M.debiased_cka(x, y).item() == pytest.approx(debiased_cka_textbook(x, y).item(), abs=tol)
 
 
+@pytest.mark.parametrize("seed", [12, 293, 295])
+def test_rbf_bandwidth_keeps_small_real_distances(seed: int) -> None:
+    """Rows near the origin are close but distinct: their distances are real, not rounding noise
+    (a noise threshold on the largest squared norm zeroed them and moved the median bandwidth)."""
+    x, y = _data(12, 1, 1, seed)
+    assert M.rbf_cka(x, y).item() == pytest.approx(rbf_cka_textbook(x, y).item(), abs=1e-9)
+
+
 def test_feature_and_gram_forms_agree() -> None:
     x, y = _data(30, 10, 80, 0)  # x uses the feature form, y the Gram form
     a, b = M.CenteredSide.of(x, form="gram"), M.CenteredSide.of(y, form="gram")

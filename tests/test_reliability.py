@@ -7,6 +7,7 @@ import gc
 import math
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -790,6 +791,34 @@ def test_a_compiled_guided_step_has_no_graph_break() -> None:
     assert explained.graph_break_count == 0, reasons
     eager = step(x)
     assert torch.isfinite(eager) and guided.last_alignment  # values are read after the step, eagerly
+
+
+def test_a_compiled_guided_gpt2_step_has_no_graph_break() -> None:
+    """The many-pair transformer case (GPT-2 LM <- GPT-2, 25 sub-layer pairs, the output's loss
+    holding the term): one graph, and in particular no break raised in guidewrap's code."""
+    pytest.importorskip("transformers")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import guidewrap
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=100, n_layer=2, n_embd=32, n_head=2, n_positions=16)
+    target, guide = GPT2LMHeadModel(config), GPT2LMHeadModel(config)
+    # transformers derives no loss type from this class name and logs a warning per loss, a graph
+    # break of its own (in unguided steps too): name the default.
+    target.loss_type = "ForCausalLM"
+    ids = torch.randint(0, 100, (4, 16))
+    guided = GuidedModel(target, guide)
+    guided(input_ids=ids, labels=ids)  # plans the layers and installs the taps
+
+    explained = torch._dynamo.explain(lambda: guided(input_ids=ids, labels=ids).loss)()
+    package = str(Path(guidewrap.__file__).resolve().parent)
+    reasons = [f"{r.reason.splitlines()[0]} at {[(f.filename, f.lineno) for f in r.user_stack[-2:]]}"
+               for r in explained.break_reasons]  # fmt: skip
+    ours = [r for r in explained.break_reasons if r.user_stack and r.user_stack[-1].filename.startswith(package)]
+    assert not ours, reasons
+    assert explained.graph_break_count == 0, reasons
+    assert len(guided.plan()) == 13 and guided.last_alignment
 
 
 def test_compiled_steps_recompile_only_at_the_start_and_the_window_edge() -> None:

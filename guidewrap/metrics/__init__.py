@@ -23,7 +23,8 @@ Examples:
     1.0
 """
 
-from .functional import debiased_cka, procrustes_distance, rbf_cka, rsa
+from .debiased import debiased_cka
+from .functional import procrustes_distance, rbf_cka, rsa
 from .linear import CenteredSide, linear_cka
 from .registry import CallableMetric, Metric, available_metrics, get_metric, register_metric
 

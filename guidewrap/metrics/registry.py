@@ -22,7 +22,8 @@ from torch import Tensor
 
 from ..errors import MetricError
 from ._numerics import _check, _n_ok, _no_autocast, _warn_if_degenerate
-from .functional import _debiased_core_grams, _debiased_grams, _gram_cka, _procrustes_core, _rbf_gram, _rsa_core
+from .debiased import DebiasedSide, _debiased_sides
+from .functional import _gram_cka, _procrustes_core, _rbf_gram, _rsa_core
 from .linear import CenteredSide, _linear_cka_sides
 
 __all__ = ["Metric", "CallableMetric", "register_metric", "available_metrics", "get_metric"]
@@ -138,19 +139,20 @@ class _LinearCKA(Metric):
 class _DebiasedCKA(Metric):
     name = "debiased_cka"
 
-    def prepare(self, y: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def prepare(self, y: Tensor, weights: Tensor | None = None) -> DebiasedSide:
+        _reject_weights(self.name, weights)
         with _no_autocast(y.device.type):
-            return _debiased_grams(y, weights)
+            return DebiasedSide.of(y)
 
-    def clone_prepared(self, prepared: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        return prepared[0].clone(), prepared[1].clone()
+    def clone_prepared(self, prepared: DebiasedSide) -> DebiasedSide:
+        return prepared.clone()
 
     def distance_prepared(
-        self, x: Tensor, prepared: tuple[Tensor, Tensor], weights: Tensor | None = None
+        self, x: Tensor, prepared: DebiasedSide, weights: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
+        _reject_weights(self.name, weights)
         with _no_autocast(x.device.type):
-            kx, ok_x = _debiased_grams(x, weights)
-            value, ok = _debiased_core_grams(kx, ok_x, *prepared)
+            value, ok = _debiased_sides(DebiasedSide.of(x), prepared)
         return 1.0 - value, ok
 
 
