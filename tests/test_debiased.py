@@ -28,6 +28,8 @@ PATHS = {
     "sides, raw gram": {**_SIDES, **_RAW},
     "symmetric gram": {"SYMMETRIC_GRAM_MIN_ROWS": 8},
     "sides, split gram": {**_SIDES, "SPLIT_GRAM_MIN_FEATURES": 8},
+    "fused, chunked centring": {"CHUNKED_CENTRING_MIN_BYTES": 0, "CENTRING_CHUNK_ELEMENTS": 160},
+    "sides, chunked centring": {**_SIDES, "CHUNKED_CENTRING_MIN_BYTES": 0, "CENTRING_CHUNK_ELEMENTS": 160},
 }
 
 

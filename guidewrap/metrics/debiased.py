@@ -55,6 +55,11 @@ SPLIT_GRAM_MIN_FEATURES = 8192
 # From this many samples a Gram is built from its diagonal blocks and one off-diagonal block
 # (3/4 of the multiply-adds; torch exposes no symmetric rank-k product).
 SYMMETRIC_GRAM_MIN_ROWS = 256
+# Centred copies from this size on are made a block of columns at a time into one reused buffer
+# (of CENTRING_CHUNK_ELEMENTS, 16 MiB in float32):
+# a fresh copy above glibc's mmap threshold (32 MiB) page-faults on every call.
+CHUNKED_CENTRING_MIN_BYTES = 1 << 25
+CENTRING_CHUNK_ELEMENTS = 1 << 22
 # Fast-path limits on a Gram's trace: inside them no product overflows or underflows.
 _TRACE_RANGE = (1e-15, 1e15)
 # A raw Gram is kept when the estimator's cancellation loses at most 4 bits.
@@ -80,6 +85,39 @@ def _gram(x: Tensor) -> Tensor:
     return out
 
 
+def _column_blocks(x: Tensor, mean: Tensor | None) -> int:
+    """Columns per block for centring ``x`` blockwise, or 0 to centre it in one copy."""
+    if mean is None or x.dim() != 2 or x.numel() * x.element_size() < CHUNKED_CENTRING_MIN_BYTES:
+        return 0
+    return max(1, CENTRING_CHUNK_ELEMENTS // x.shape[0])
+
+
+def _centred_gram(x: Tensor, mean: Tensor | None) -> Tensor:
+    """The Gram of ``x - mean`` (of ``x`` when ``mean`` is None)."""
+    width = _column_blocks(x, mean)
+    if not width or mean is None:
+        return _gram(x if mean is None else x - mean)
+    n, d = x.shape
+    out, buffer = x.new_zeros(n, n), x.new_empty(n, width)
+    for j in range(0, d, width):
+        block = buffer[:, : min(width, d - j)]
+        out += _gram(torch.sub(x[:, j : j + width], mean[:, j : j + width], out=block))
+    return out
+
+
+def _times_centred(g: Tensor, x: Tensor, mean: Tensor | None) -> Tensor:
+    """``g @ (x - mean)`` (``g @ x`` when ``mean`` is None)."""
+    width = _column_blocks(x, mean)
+    if not width or mean is None:
+        return g @ (x if mean is None else x - mean)
+    n, d = x.shape
+    out, buffer = x.new_empty(n, d), x.new_empty(n, width)
+    for j in range(0, d, width):
+        block = buffer[:, : min(width, d - j)]
+        out[:, j : j + width] = g @ torch.sub(x[:, j : j + width], mean[:, j : j + width], out=block)
+    return out
+
+
 class _ZeroDiagonalGram(torch.autograd.Function):
     """``(K~, row sums, statistics)`` for ``K`` the Gram of ``x`` (of mean-centred ``x`` when
     ``centre``); the statistics are ``(trace K, total, <K~, K~>, r . r)`` per problem.
@@ -92,7 +130,7 @@ class _ZeroDiagonalGram(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, centre: bool) -> tuple[Tensor, Tensor, Tensor]:
         mean = x.mean(-2, keepdim=True) if centre else None
-        gram = _gram(x if mean is None else x - mean)
+        gram = _centred_gram(x, mean)
         diagonal = gram.diagonal(dim1=-2, dim2=-1)
         trace = diagonal.sum(-1)
         diagonal.zero_()
@@ -107,9 +145,7 @@ class _ZeroDiagonalGram(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None
         x, mean = ctx.saved_tensors
-        features = x if mean is None else x - mean
-        n, d = x.shape[-2:]
-        return (grad * 2.0) @ features if n <= d else (grad @ features).mul_(2.0), None
+        return _times_centred(grad * 2.0, x, mean), None
 
 
 def _hsic_terms(dot: Any, rowdot: Any, total_a: Any, total_b: Any, n: int) -> Any:
@@ -239,7 +275,7 @@ def _fused_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor] | None:
         parts = []
         for z in (x, y):
             mean = z.mean(-2, keepdim=True) if _centre_first(z) else None
-            gram = _gram(z if mean is None else z - mean)
+            gram = _centred_gram(z, mean)
             diagonal = gram.diagonal()
             trace = diagonal.sum()
             diagonal.zero_()
@@ -285,7 +321,7 @@ class _FusedPairGradient(torch.autograd.Function):
                 _, other, rows_o, _, _ = sides[1 - i]
                 combined = torch.add(other * a, own, alpha=b)
                 u = _u_centre(combined, torch.add(rows_o * a, rows, alpha=b), totals[1 - i] * a + totals[i] * b)
-                out[i] = u @ (z if mean is None else z - mean)
+                out[i] = _times_centred(u, z, mean)
         return (*out, None, None, *([None] * 6))
 
 
