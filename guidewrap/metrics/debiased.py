@@ -118,23 +118,30 @@ def _times_centred(g: Tensor, x: Tensor, mean: Tensor | None) -> Tensor:
     return out
 
 
+def _zero_diagonal_gram(x: Tensor, centre: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """``(K~, row sums, trace K, mean)``: the Gram of ``x`` (of mean-centred ``x`` when ``centre``)
+    with its diagonal zeroed; ``mean`` is None when not centred."""
+    mean = x.mean(-2, keepdim=True) if centre else None
+    gram = _centred_gram(x, mean)
+    diagonal = gram.diagonal(dim1=-2, dim2=-1)
+    trace = diagonal.sum(-1)
+    diagonal.zero_()
+    return gram, gram.sum(-1), trace, mean
+
+
 class _ZeroDiagonalGram(torch.autograd.Function):
     """``(K~, row sums, statistics)`` for ``K`` the Gram of ``x`` (of mean-centred ``x`` when
     ``centre``); the statistics are ``(trace K, total, <K~, K~>, r . r)`` per problem.
 
-    Its only caller, :class:`_DebiasedCKAFromSides`, passes back symmetric, zero-diagonal,
-    U-centred gradients (zero row sums), so the backward is one product, ``2 G @ x``: the
+    The gradients it receives come only from :class:`_DebiasedCKAFromSides` and are symmetric,
+    zero-diagonal and U-centred (zero row sums), so the backward is one product, ``2 G @ x``: the
     centring's backward and any common offset of ``x`` drop out.
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, centre: bool) -> tuple[Tensor, Tensor, Tensor]:
-        mean = x.mean(-2, keepdim=True) if centre else None
-        gram = _centred_gram(x, mean)
-        diagonal = gram.diagonal(dim1=-2, dim2=-1)
-        trace = diagonal.sum(-1)
-        diagonal.zero_()
-        rows, flat = gram.sum(-1), gram.flatten(-2)
+        gram, rows, trace, mean = _zero_diagonal_gram(x, centre)
+        flat = gram.flatten(-2)
         stats = torch.stack((trace, rows.sum(-1), _dot(flat, flat), _dot(rows, rows)), -1)
         ctx.save_for_backward(x, mean)
         ctx.mark_non_differentiable(rows, stats)
@@ -151,6 +158,14 @@ class _ZeroDiagonalGram(torch.autograd.Function):
 def _hsic_terms(dot: Any, rowdot: Any, total_a: Any, total_b: Any, n: int) -> Any:
     """``n (n - 3) HSIC_u`` from ``<K~, L~>``, ``r_K . r_L`` and the totals (floats or tensors)."""
     return dot + total_a * total_b / ((n - 1) * (n - 2)) - 2.0 * rowdot / (n - 2)
+
+
+def _cosine(cross: float, ex: float, ey: float, ok: bool) -> tuple[float, float, float, float]:
+    """``(value, 1 / root, value / ex, value / ey)`` for ``value = cross / sqrt(ex ey)``: the value
+    and its backward's coefficients; 0 and zero coefficients where not ``ok``."""
+    root = math.sqrt(ex * ey) if ok else math.inf
+    value = cross / root
+    return value, 1 / root, value / ex if ok else 0.0, value / ey if ok else 0.0
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
@@ -194,7 +209,7 @@ class DebiasedSide:
     def of(cls, x: Tensor) -> DebiasedSide:
         """Reduce ``(..., n, d)`` features to a side, by the fast path where it applies."""
         x = _upcast(x)
-        if x.device.type == "cpu" and not torch.compiler.is_compiling() and x.shape[-2] >= 4:
+        if _on_host(x, x) and x.shape[-2] >= 4:
             side = _fast_side(x)
             if side is not None:
                 return side
@@ -272,15 +287,8 @@ def _fused_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor] | None:
     path (the engine prepares the guide's side ahead); None where a check fails."""
     n = x.shape[-2]
     with torch.no_grad():
-        parts = []
-        for z in (x, y):
-            mean = z.mean(-2, keepdim=True) if _centre_first(z) else None
-            gram = _centred_gram(z, mean)
-            diagonal = gram.diagonal()
-            trace = diagonal.sum()
-            diagonal.zero_()
-            parts.append((gram, gram.sum(-1), trace, mean))
-        (gx, rx, trace_x, mean_x), (gy, ry, trace_y, mean_y) = parts
+        sides = (_zero_diagonal_gram(z, _centre_first(z)) for z in (x, y))
+        (gx, rx, trace_x, mean_x), (gy, ry, trace_y, mean_y) = sides
         fx, fy = gx.view(-1), gy.view(-1)
         rows = torch.stack((rx, ry, torch.ones_like(rx)))
         dots = torch.stack((torch.dot(fx, fx), torch.dot(fy, fy), torch.dot(fx, fy), trace_x, trace_y))
@@ -290,9 +298,8 @@ def _fused_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor] | None:
     if ex is None or ey is None:
         return None
     ok = ex > _TINY and ey > _TINY
-    root = math.sqrt(ex * ey) if ok else math.inf  # not measurable: 0 and a zero gradient
-    value = _hsic_terms(fxy, rxy, tx, ty, n) / root
-    numbers = ((1 / root, value / ex if ok else 0.0, value / ey if ok else 0.0), (tx, ty))
+    value, *coefficients = _cosine(_hsic_terms(fxy, rxy, tx, ty, n), ex, ey, ok)
+    numbers = (coefficients, (tx, ty))
     saved = (gx, gy, rx, ry, mean_x, mean_y)
     return _FusedPairGradient.apply(x, y, x.new_tensor(value), numbers, *saved), torch.tensor(ok)
 
@@ -310,18 +317,15 @@ class _FusedPairGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, y, gx, gy, rx, ry, mean_x, mean_y = ctx.saved_tensors
-        (inv_root, over_ex, over_ey), totals = ctx.numbers
+        (inv_root, *over), totals = ctx.numbers
         g = 2.0 * grad.item()  # the 2 of d(Z Z^T) = dZ Z^T + Z dZ^T, folded into the scalars
-        a = g * inv_root
-        sides = ((x, gx, rx, mean_x, -g * over_ex), (y, gy, ry, mean_y, -g * over_ey))
+        grams, rows, features = (gx, gy), (rx, ry), ((x, mean_x), (y, mean_y))
         out: list[Tensor | None] = [None, None]
-        for i in (0, 1):
+        for i, j in ((0, 1), (1, 0)):
             if ctx.needs_input_grad[i]:
-                z, own, rows, mean, b = sides[i]
-                _, other, rows_o, _, _ = sides[1 - i]
-                combined = torch.add(other * a, own, alpha=b)
-                u = _u_centre(combined, torch.add(rows_o * a, rows, alpha=b), totals[1 - i] * a + totals[i] * b)
-                out[i] = _times_centred(u, z, mean)
+                a, b = g * inv_root, -g * over[i]
+                u = _gram_gradient(grams[j], grams[i], rows[j], rows[i], totals[j], totals[i], a, b)
+                out[i] = _times_centred(u, *features[i])
         return (*out, None, None, *([None] * 6))
 
 
@@ -351,9 +355,7 @@ class _DebiasedCKAFromSides(torch.autograd.Function):
             results = []
             per_problem = zip(torch.stack((dot, rowdot), -1).reshape(-1, 2).tolist(), x.host, y.host, strict=True)
             for (dot_, rowdot_), (tx, ex, okx), (ty, ey, oky) in per_problem:
-                root = math.sqrt(ex * ey) if okx and oky else math.inf  # 0 and a zero gradient
-                value_ = _hsic_terms(dot_, rowdot_, tx, ty, n) / root
-                results.append((value_, 1 / root, value_ / ex if okx else 0.0, value_ / ey if oky else 0.0))
+                results.append(_cosine(_hsic_terms(dot_, rowdot_, tx, ty, n), ex, ey, okx and oky))
             table = torch.tensor(results, dtype=gx.dtype).reshape(*gx.shape[:-2], 4)
             value, coefficient = table[..., 0], table[..., 1:]
             ok = coefficient[..., 0] > 0
@@ -372,33 +374,34 @@ class _DebiasedCKAFromSides(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor, _: Tensor) -> tuple[Tensor | None, ...]:
         gx, gy, coefficient = ctx.saved_tensors
-        x, y = ctx.sides
-        grams, sides = (gx.detach(), gy.detach()), (x, y)
-        if grad.dim() == 0 and x.host is not None and y.host is not None:  # one problem: Python scalars
-            g = grad.item()
-            inv_root, over_ex, over_ey = coefficient.tolist()
-            a, bs = g * inv_root, (-g * over_ex, -g * over_ey)
-            totals = [(s.host[0][0],) for s in sides]  # type: ignore[index]
-            matrix = vector = a
+        sides, grams = ctx.sides, (gx.detach(), gy.detach())
+        if grad.dim() == 0 and all(side.host is not None for side in sides):  # one problem: Python scalars
+            g: Any = grad.item()
+            inv_root, *over = coefficient.tolist()
+            totals = [side.host[0][0] for side in sides]
         else:
-            a = grad * coefficient[..., 0]
-            bs = (-grad * coefficient[..., 1], -grad * coefficient[..., 2])
-            totals = [(s.total.to(grad.dtype),) for s in sides]
-            matrix, vector = a[..., None, None], a[..., None]
+            g, inv_root, over = grad, coefficient[..., 0], [coefficient[..., 1], coefficient[..., 2]]
+            totals = [side.total.to(grad.dtype) for side in sides]
         out: list[Tensor | None] = [None, None]
-        for i in (0, 1):
+        for i, j in ((0, 1), (1, 0)):
             if ctx.needs_input_grad[i]:
-                # d value / d K_i = U(K_other / root - value * K_i / energy_i); the combination's
-                # row sums and total follow from the stored ones.
-                b = bs[i]
-                b_matrix, b_vector = (b, b) if isinstance(b, float) else (b[..., None, None], b[..., None])
-                mine, other = sides[i], sides[1 - i]
-                out[i] = _u_centre(
-                    grams[1 - i] * matrix + grams[i] * b_matrix,
-                    other.rows * vector + mine.rows * b_vector,
-                    totals[1 - i][0] * a + totals[i][0] * b,
-                )
+                rows = (sides[j].rows, sides[i].rows)
+                out[i] = _gram_gradient(grams[j], grams[i], *rows, totals[j], totals[i], g * inv_root, -g * over[i])
         return (*out, None, None)
+
+
+def _gram_gradient(
+    other: Tensor, own: Tensor, rows_other: Tensor, rows_own: Tensor, total_other: Any, total_own: Any, a: Any, b: Any
+) -> Tensor:
+    """``U(a K~_other + b K~_own)``: d value / d K~_own of a cosine between U-centred Grams
+    (``a = 1 / root``, ``b = -value / energy_own``, times the incoming gradient). The combination's
+    row sums and total follow from the stored ones. ``a``, ``b`` are floats or per-problem tensors."""
+    if isinstance(a, float) and isinstance(b, float):
+        combined, rows = torch.add(other * a, own, alpha=b), torch.add(rows_other * a, rows_own, alpha=b)
+    else:
+        combined = other * a[..., None, None] + own * b[..., None, None]
+        rows = rows_other * a[..., None] + rows_own * b[..., None]
+    return _u_centre(combined, rows, total_other * a + total_own * b)
 
 
 def _u_centre(m: Tensor, rows: Tensor, total: Tensor | float) -> Tensor:
@@ -420,8 +423,8 @@ def _debiased_sides(x: DebiasedSide, y: DebiasedSide) -> tuple[Tensor, Tensor]:
 
 
 def _narrow_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor] | None:
-    """Both sides narrow (``d <= n / 4``): the estimator from d x d products, O(n d1 d2) instead of
-    O(n^2 d); None where a check fails (the Gram path then runs).
+    """Both sides narrow (see :func:`_narrow`): the estimator from d x d products, O(n d1 d2)
+    instead of O(n^2 d); None where a check fails (the Gram path then runs).
 
     With features mean-centred (the estimator is shift invariant; centring keeps float32 digits),
     ``q_i = |x_i|^2`` and ``s = X^T 1``: ``<K~, L~> = |X^T Y|^2 - q_x . q_y``, row sums ``X s - q``
@@ -446,19 +449,13 @@ def _narrow_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor] | None:
     for row in table:
         g, (fxx, fyy, fxy, sxx, syy) = row[:25], row[25:]
         trace_x, trace_y = g[4], g[9]
-        tx, ty = sxx - trace_x, syy - trace_y
-        for trace, s2 in ((trace_x, sxx), (trace_y, syy)):
-            # in range and not constant (constant rows leave only rounding, all in the mean)
-            if not (_TRACE_RANGE[0] <= trace <= _TRACE_RANGE[1] and s2 / n < 0.5 * trace):
-                return None
-        ex = _hsic_terms(fxx - g[0], g[12], tx, tx, n)
-        ey = _hsic_terms(fyy - g[6], g[18], ty, ty, n)
-        if not (math.isfinite(ex) and math.isfinite(ey) and math.isfinite(fxy)):
+        tx, ty = sxx - trace_x, syy - trace_y  # totals of K~: |s|^2 - trace
+        ex = _side_energy(trace_x, tx, fxx - g[0], g[12], n, centred=True)
+        ey = _side_energy(trace_y, ty, fyy - g[6], g[18], n, centred=True)
+        if ex is None or ey is None or not math.isfinite(fxy):
             return None
         ok = ex > _TINY and ey > _TINY
-        root = math.sqrt(ex * ey) if ok else math.inf
-        value = _hsic_terms(fxy - g[1], g[13], tx, ty, n) / root
-        results.append((value, 1 / root, value / ex if ok else 0.0, value / ey if ok else 0.0, tx, ty, ok))
+        results.append((*_cosine(_hsic_terms(fxy - g[1], g[13], tx, ty, n), ex, ey, ok), tx, ty, ok))
     batch = x.shape[:-2]
     numbers = torch.tensor([r[:6] for r in results], dtype=x.dtype).reshape(*batch, 6)
     ok = torch.tensor([r[6] for r in results], dtype=torch.bool).reshape(batch)
