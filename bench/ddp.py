@@ -77,14 +77,50 @@ def worker(reps: int, batch: int, length: int, vocab: int, width: int) -> None:
     med = torch.tensor([statistics.median(times[k]) for k in steps])
     dist.all_reduce(med, op=dist.ReduceOp.MAX)  # the slower process sets the pace
     pairs = len(guided.plan())
+    calls, seconds, sent = _collectives(steps["guided"])
     if rank == 0:
         print(f"torch {torch.__version__}, {world} processes x {torch.get_num_threads()} threads, gloo; matching: "
               + ", ".join(f"{k}={v}" for k, v in MATCHING.items()))  # fmt: skip
         print(f"GPT-2 LM (4 x {width}, vocab {vocab}) <- GPT-2, batch {batch} x {length} per process ({pairs} pairs)")
         print("  " + "  ".join(f"{k} {v * 1e3:7.1f} ms" for k, v in zip(steps, med.tolist(), strict=True)))
+        print(f"  guidewrap's collectives in one guided step (rank 0): {calls}, {sent / 2**20:.1f} MiB sent, "
+              f"{seconds * 1e3:.1f} ms inside them")  # fmt: skip
         print(f"ddp_guided_over_floor={float(med[2] / med[1]):.2f}")
     guided.close()
     dist.destroy_process_group()
+
+
+def _collectives(step: Callable[[], None]) -> tuple[dict[str, int], float, int]:
+    """One step with torch.distributed's Python collectives counted and timed (DDP's gradient
+    buckets go through its C++ reducer, so this counts guidewrap's): calls per kind, seconds, bytes sent."""
+    import torch.distributed as dist
+
+    calls: dict[str, int] = {}
+    spent = [0.0, 0]
+
+    def counted(name: str, original: Callable[..., object]) -> Callable[..., object]:
+        def call(*args: object, **kwargs: object) -> object:
+            sent = [t for t in args if isinstance(t, torch.Tensor)]
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - start
+                spent[1] += sum(t.numel() * t.element_size() for t in sent)
+                calls[name] = calls.get(name, 0) + 1
+
+        return call
+
+    originals = {name: getattr(dist, name) for name in ("all_gather", "all_reduce", "broadcast")}
+    for name, original in originals.items():
+        setattr(dist, name, counted(name, original))
+    try:
+        dist.barrier()
+        step()
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+    return calls, spent[0], int(spent[1])
 
 
 def main(reps: int = 7, batch: int = 8, length: int = 128, vocab: int = 50257, width: int = 128) -> str:

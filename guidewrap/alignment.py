@@ -18,7 +18,7 @@ Examples:
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,9 +33,15 @@ from .metrics import Metric
 
 __all__ = ["FeatureSubsets", "SinkSlot", "Term", "alignment_term", "reduce_guide", "stack_calls"]
 
-# shape(x, w, side, layer): the feature subset, then the distributed gather (differentiable on the
-# target side); returns the features and sample weights the metric sees.
+# shape(x, w, side, layer): one process's features as the metric will see them (the feature subset);
+# returns the features and sample weights.
 Shaper = Callable[[Tensor, "Tensor | None", str, str], tuple[Tensor, "Tensor | None"]]
+# gather(keys, layers): every process's samples of each layer, in one bucketed collective per side
+# (distributed.gather_layers); None in a single process, where each guide layer is reduced in its hook.
+Gatherer = Callable[
+    [list[tuple[str, str]], dict[tuple[str, str], tuple[Tensor, "Tensor | None"]]],
+    Iterator[tuple[Any, tuple[Tensor, "Tensor | None"]]],
+]
 
 
 class FeatureSubsets:
@@ -78,18 +84,27 @@ class SinkSlot:
 
 
 def reduce_guide(
-    guide: nn.Module, plan: LayerPlan, metric: Metric, routed: Routed, shape: Shaper, slot: SinkSlot
+    guide: nn.Module,
+    plan: LayerPlan,
+    metric: Metric,
+    routed: Routed,
+    shape: Shaper,
+    slot: SinkSlot,
+    gather: Gatherer | None = None,
 ) -> dict[tuple[str, str], Any]:
     """Run the guide once; per planned guide layer and mode, keep only ``metric.prepare``'s result.
 
-    ``shape`` applies the feature subset and the distributed gather (see ``Shaper``); ``slot`` is
-    the :class:`SinkSlot` the guide's taps (installed by the engine) report to.
+    ``shape`` applies the feature subset (see ``Shaper``); ``slot`` is the :class:`SinkSlot` the
+    guide's taps (installed by the engine) report to. In one process each layer is reduced in its
+    hook; with ``gather`` (several processes) the layers wait for the end of the forward, are gathered
+    in buckets, and each is reduced as its bucket arrives.
     """
     wanted: dict[str, set[str]] = {}
     for pair in plan:
         wanted.setdefault(pair.guide.name, set()).add(pair.mode)
     infos = {p.guide.name: p.guide for p in plan}
     prepared: dict[tuple[str, str], Any] = {}
+    pending: dict[tuple[str, str], tuple[Tensor, Tensor | None]] = {}  # awaiting the gather
     repeated: dict[str, list[Any]] = {}  # layers planned as several calls: stacked after the forward
 
     def sink(name: str, output: Any) -> None:
@@ -110,7 +125,10 @@ def reduce_guide(
         for mode in wanted[name]:
             x, w = features(tensor, info.batch_dim, mode, mask, info.channels_first)
             x, w = shape(x, w, "guide", name)
-            prepared[(name, mode)] = metric.prepare(x, w)
+            if gather is None:
+                prepared[(name, mode)] = metric.prepare(x, w)
+            else:
+                pending[(name, mode)] = (x, w)
 
     if guide.training:
         guide.eval()  # the guide stays in eval mode whatever the caller did
@@ -122,6 +140,11 @@ def reduce_guide(
             call_guide(guide, routed.guide_args, routed.guide_kwargs)
             for name, calls in repeated.items():
                 reduce(name, *stack_calls(calls, infos[name].batch_dim))
+            if gather is not None:
+                keys = list(dict.fromkeys((p.guide.name, p.mode) for p in plan))
+                for key, (x, w) in gather(keys, pending):
+                    pending.pop(key)  # each bucket's local features go once it is gathered
+                    prepared[key] = metric.prepare(x, w)
     finally:
         slot.current = None
     # Out of inference mode: autograd may save these for the target's backward.
@@ -166,20 +189,21 @@ def alignment_term(
     weight: float | Tensor,
     shape: Shaper,
     n: int,
+    gather: Gatherer | None = None,
 ) -> Term:
-    """Weighted sum over pairs of ``metric`` distances between captured target and prepared guide layers."""
+    """Weighted sum over pairs of ``metric`` distances between captured target and prepared guide layers.
+
+    ``gather`` (several processes) gathers the target's layers in one bucketed collective after
+    they are all shaped (see :func:`reduce_guide`)."""
     pairs = list(plan)
     results: list[tuple[Tensor, Tensor] | None] = [None] * len(pairs)
     missing: set[str] = set()
     shaped: dict[tuple[str, str], tuple[Tensor, Tensor | None]] = {}  # target features, once per layer
-    groups: dict[Any, list[int]] = {}
+    measured: list[int] = []
     for i, pair in enumerate(pairs):
         calls = captured.get(pair.target.name)
-        guide_side = prepared.get((pair.guide.name, pair.mode))
         tensor, lengths = stack_calls(calls, pair.target.batch_dim) if calls else (None, None)
-        if tensor is None or guide_side is None or pair.target.batch_dim is None:
-            missing.add(pair.key)
-            results[i] = (torch.ones(()), torch.zeros((), dtype=torch.bool))
+        if tensor is None or (pair.guide.name, pair.mode) not in prepared or pair.target.batch_dim is None:
             continue
         if tensor.dim() <= pair.target.batch_dim or tensor.shape[pair.target.batch_dim] != n:
             raise BatchSizeMismatchError(
@@ -192,10 +216,23 @@ def alignment_term(
             layer_mask = mask if lengths is None else lengths_to_mask(lengths, tensor.shape[1], tensor.device)
             x, w = features(tensor, pair.target.batch_dim, pair.mode, layer_mask, pair.target.channels_first)
             shaped[key] = shape(x, w, "target", pair.target.name)
-        x, w = shaped[key]
-        batch_key = metric.batch_key(guide_side) if w is None else None
+        measured.append(i)
+    if gather is not None:  # a layer missing on another process is left out everywhere
+        shaped = dict(gather(list(dict.fromkeys((p.target.name, p.mode) for p in pairs)), shaped))
+    groups: dict[Any, list[int]] = {}
+    for i in measured:
+        pair = pairs[i]
+        if (pair.target.name, pair.mode) not in shaped:
+            continue
+        x, w = shaped[(pair.target.name, pair.mode)]
+        batch_key = metric.batch_key(prepared[(pair.guide.name, pair.mode)]) if w is None else None
         group = (tuple(x.shape), x.dtype, x.device, batch_key) if batch_key is not None else i
         groups.setdefault(group, []).append(i)
+    grouped = {i for members in groups.values() for i in members}
+    for i, pair in enumerate(pairs):
+        if i not in grouped:  # its target layer did not run (here or on another process)
+            missing.add(pair.key)
+            results[i] = (torch.ones(()), torch.zeros((), dtype=torch.bool))
     _measure_groups(pairs, metric, groups, shaped, prepared, results)
     return _sum_term(pairs, results, weight, missing)
 

@@ -27,6 +27,7 @@ Examples:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import warnings
@@ -38,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
-from .alignment import FeatureSubsets, SinkSlot, alignment_term, reduce_guide
+from .alignment import FeatureSubsets, Gatherer, SinkSlot, alignment_term, reduce_guide
 from .config import GuidanceConfig
 from .errors import (
     ConfigError,
@@ -398,16 +399,23 @@ class GuidanceEngine:
         plan = self._plan
         self._install_taps(plan)
         step = GuidedStep(routed)
-        step.prepared = reduce_guide(self.guide, plan, self.metric, routed, self._shape, self._guide_slot)
+        step.prepared = reduce_guide(
+            self.guide, plan, self.metric, routed, self._shape, self._guide_slot, self._gatherer()
+        )
         self._count(1, "guide_forwards")
         return step
 
     def _shape(self, x: Tensor, w: Tensor | None, side: str, name: str) -> tuple[Tensor, Tensor | None]:
         if side == "guide" and x.dtype == torch.float64 and self._target_float != torch.float64:
             x = x.float()  # a float64 guide beside a float32 target: compare in the target's precision
-        x = self._subsets(x, (side, name))
+        return self._subsets(x, (side, name)), w
+
+    def _gatherer(self) -> Gatherer | None:
+        """The bucketed gather of a side's layers under global-batch CKA with several processes."""
         mode = self.config.distributed
-        return distributed.gather(x, w, differentiable=side == "target", mode=mode, left_padded=self._left_padded)
+        if distributed.world_size(mode) == 1:
+            return None
+        return functools.partial(distributed.gather_layers, mode=mode, left_padded=self._left_padded)
 
     def _finish(self, step: GuidedStep, weight: float | Tensor) -> Tensor:
         if self._plan is None or step.routed is None:
@@ -415,7 +423,15 @@ class GuidanceEngine:
         if self.config.reduction == "mean":
             weight = weight / len(self._plan)
         term = alignment_term(
-            self._plan, self.metric, step.captured, step.prepared, step.routed.mask, weight, self._shape, step.routed.n
+            self._plan,
+            self.metric,
+            step.captured,
+            step.prepared,
+            step.routed.mask,
+            weight,
+            self._shape,
+            step.routed.n,
+            self._gatherer(),
         )
         readout = term.readout
         skipped = 1.0 - readout[1]

@@ -124,6 +124,65 @@ def fsdp(out: str) -> None:
     torch.save({"alignment": guided.alignment_loss.item(), "grads": grads, "plan": plan}, f"{out}/rank{rank}.pt")
 
 
+class Skipping(nn.Module):
+    """A target whose middle layer runs only when ``skip`` is False (set on one process)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.middle, self.last = nn.Linear(6, 24), nn.Linear(24, 24), nn.Linear(24, 3)
+        self.skip = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.first(x).relu()
+        return self.last(h if self.skip else self.middle(h).relu())
+
+
+def missing(out: str) -> None:
+    """The target's middle layer runs on process 0 only: its pair must be skipped on both processes
+    (the collectives stay matched) while the other pairs still measure the global batch."""
+    import warnings
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    target, guide = Skipping(), models()[1]
+    guided = GuidedModel(target, guide, layers=[("first", "0"), ("middle", "2"), ("last", "4")])
+    x, _ = batch()
+    part = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+    guided.plan(x[part])  # resolved while every layer runs; then a data-dependent branch skips one
+    target.skip = rank == 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        guided(x[part])
+    torch.save(
+        {"alignment": guided.last_alignment, "warnings": [str(w.message) for w in caught]}, f"{out}/rank{rank}.pt"
+    )
+
+
+class CollectiveCounter:
+    """Counts the Python-level collectives issued while it is active (DDP's own gradient buckets go
+    through its C++ reducer, not these)."""
+
+    def __init__(self) -> None:
+        self.counts = {"all_gather": 0, "all_reduce": 0}
+
+    def __enter__(self) -> CollectiveCounter:
+        self.saved = {name: getattr(dist, name) for name in self.counts}
+        for name, original in self.saved.items():
+            setattr(dist, name, self._counting(name, original))
+        return self
+
+    def _counting(self, name: str, original):  # noqa: ANN202
+        def call(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            self.counts[name] += 1
+            return original(*args, **kwargs)
+
+        return call
+
+    def __exit__(self, *exc: object) -> None:
+        for name, original in self.saved.items():
+            setattr(dist, name, original)
+
+
 CUDA = os.environ.get("GUIDEWRAP_TEST_CUDA") == "1"  # tests/test_gpu.py: NCCL, one GPU per process
 DEVICE = "cuda" if CUDA else "cpu"
 
@@ -138,6 +197,15 @@ def main(out: str, mode: str) -> None:
         dist.barrier()
         dist.destroy_process_group()
         return
+    if mode == "missing":
+        missing(out)
+        dist.barrier()
+        dist.destroy_process_group()
+        return
+    if mode == "buckets":  # every layer in its own bucket: the gathers split, the result must not change
+        import guidewrap.distributed
+
+        guidewrap.distributed.BUCKET_BYTES, mode = 1, "global"
     if mode.startswith("dynamic-"):
         dynamic(out, mode.removeprefix("dynamic-"))
         dist.barrier()
@@ -148,11 +216,13 @@ def main(out: str, mode: str) -> None:
     model = DistributedDataParallel(guided)
     x, y = (t.to(DEVICE) for t in batch())
     part = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
-    out_t = model(x[part])
-    loss = nn.functional.cross_entropy(out_t, y[part]) + guided.alignment_loss
-    loss.backward()
+    with CollectiveCounter() as counter:
+        out_t = model(x[part])
+        loss = nn.functional.cross_entropy(out_t, y[part]) + guided.alignment_loss
+        loss.backward()
     grads = {name: p.grad.clone() for name, p in target.named_parameters() if p.grad is not None}
-    torch.save({"alignment": guided.alignment_loss.item(), "grads": grads}, f"{out}/rank{rank}.pt")
+    result = {"alignment": guided.alignment_loss.item(), "grads": grads, "collectives": counter.counts}
+    torch.save({**result, "pairs": len(guided.plan())}, f"{out}/rank{rank}.pt")
     # Both ranks reach the end before either tears gloo down: a rank destroying its group while the
     # other still talks to it can abort ("terminate called without an active exception") under load.
     dist.barrier()

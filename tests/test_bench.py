@@ -67,6 +67,8 @@ def test_bench_ddp_runs() -> None:
     """Two processes under torchrun at a tiny size; the figure's line is printed last."""
     out = _load("ddp").main(reps=1, batch=4, length=16, vocab=200, width=32)
     assert out.strip().splitlines()[-1].startswith("ddp_guided_over_floor=") and "matching: layers=auto" in out
+    # one bucket per side (shapes, features), nothing in the backward: whatever the number of pairs
+    assert "collectives in one guided step (rank 0): {'all_gather': 4}," in out, out
 
 
 def test_bench_memory_fresh_processes_run(capsys) -> None:

@@ -65,14 +65,35 @@ def _single_process() -> tuple[float, dict[str, torch.Tensor]]:
     return guided.alignment_loss.item(), {n: p.grad for n, p in target.named_parameters() if p.grad is not None}
 
 
-def test_global_batch_cka_equals_single_process(tmp_path: Path) -> None:
-    ranks = _launch(tmp_path, "global")
+@pytest.mark.parametrize("mode", ["global", "buckets"])
+def test_global_batch_cka_equals_single_process(tmp_path: Path, mode: str) -> None:
+    """Value and gradients equal one process on the concatenated batch, with the layers gathered in
+    one bucket per side (two all_gathers each: shapes, features; no all_reduce: the backward needs no
+    communication) or, with a 1-byte bucket limit, one layer per bucket."""
+    ranks = _launch(tmp_path, mode)
     alignment, grads = _single_process()
     for result in ranks:
         assert result["alignment"] == pytest.approx(alignment, abs=1e-5)
         assert result["grads"].keys() == grads.keys()
         for name, grad in grads.items():
             torch.testing.assert_close(result["grads"][name], grad, rtol=1e-5, atol=1e-5, msg=name)
+        pairs = result["pairs"]
+        assert pairs >= 2, "the plan needs several pairs for the count to mean anything"
+        per_side = 1 if mode == "global" else pairs  # the default plan pairs distinct layers
+        assert result["collectives"] == {"all_gather": 2 * (1 + per_side), "all_reduce": 0}, result["collectives"]
+
+
+def test_a_layer_missing_on_one_process_is_skipped_on_both(tmp_path: Path) -> None:
+    """A data-dependent branch skips a planned target layer on one process: its pair is skipped (with
+    a warning) on both processes instead of the collectives going out of step and hanging, and the
+    other pairs still measure the global batch."""
+    ranks = _launch(tmp_path, "missing")
+    assert ranks[0]["alignment"].keys() == ranks[1]["alignment"].keys() == {"first<-0", "last<-4"}, ranks
+    for key, value in ranks[0]["alignment"].items():
+        assert ranks[1]["alignment"][key] == pytest.approx(value, abs=1e-6), key
+    for result in ranks:
+        skipped = [w for w in result["warnings"] if "middle<-2 skipped" in w]
+        assert skipped and "did not run" in skipped[0], result["warnings"]
 
 
 def test_per_process_cka_measures_each_half(tmp_path: Path) -> None:
