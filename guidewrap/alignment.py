@@ -230,7 +230,7 @@ def alignment_term(
         groups.setdefault(group, []).append(i)
     grouped = {i for members in groups.values() for i in members}
     for i, pair in enumerate(pairs):
-        if i not in grouped:  # its target layer did not run (here or on another process)
+        if i not in grouped:  # a layer of it did not run (here or on another process)
             missing.add(pair.key)
             results[i] = (torch.ones(()), torch.zeros((), dtype=torch.bool))
     _measure_groups(pairs, metric, groups, shaped, prepared, results)

@@ -468,7 +468,9 @@ class GuidanceEngine:
             if not count:
                 continue
             self._counts["skipped_pairs"] += int(count)
-            why = "its target layer did not run" if pair.key in unread.missing else "degenerate or non-finite features"
+            why = "degenerate or non-finite features"
+            if pair.key in unread.missing:
+                why = "a layer of it did not run, here or on another process"
             steps = "this step" if count == 1 else f"on {int(count)} steps"
             warnings.warn(
                 f"guidance pair {pair.key} skipped {steps} ({why}); it adds nothing to the loss",
