@@ -54,7 +54,6 @@ def gather_layers(
     layers: Mapping[Hashable, tuple[Tensor, Tensor | None]],
     mode: str,
     left_padded: bool = False,
-    device: torch.device | None = None,
 ) -> Iterator[tuple[Hashable, tuple[Tensor, Tensor | None]]]:
     """Yield ``(key, (x, w))`` with every process's samples of each layer concatenated on dim -2.
 
@@ -62,8 +61,7 @@ def gather_layers(
     ``layers`` holds those this process has (``x``: features with samples on dim -2, ``w``: sample
     weights ``x.shape[:-1]`` or None). A layer missing on any process (its module did not run
     there) is left out on every process, so the collectives stay matched instead of hanging.
-    Features that require grad stay differentiable; ``device`` carries the shape table (default:
-    the first layer's device, else the current GPU under NCCL, else CPU).
+    Features that require grad stay differentiable.
 
     Processes may differ in everything but the sample count: with dynamic padding each pads its
     batch to its own longest sequence, so a flattened layer is ``(n, T_rank * d)`` wide and a
@@ -79,10 +77,7 @@ def gather_layers(
         return
     import torch.distributed as dist
 
-    if device is None:  # NCCL only talks through the current GPU; gloo takes any tensor
-        fallback = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-        device = next((x.device for x, _ in layers.values()), fallback or torch.device("cpu"))
-    tables = _share_shapes(keys, layers, world, device)
+    tables = _share_shapes(keys, layers, world)
     bucket: list[tuple[Hashable, Tensor, Tensor | None]] = []
     size = 0
     for i, key in enumerate(keys):
@@ -100,7 +95,7 @@ def gather_layers(
 
 
 def _share_shapes(
-    keys: Sequence[Hashable], layers: Mapping[Hashable, tuple[Tensor, Tensor | None]], world: int, device: torch.device
+    keys: Sequence[Hashable], layers: Mapping[Hashable, tuple[Tensor, Tensor | None]], world: int
 ) -> Tensor:
     """``(world, len(keys), 2 + _MAX_DIMS)``: per process and layer ``[dim (0: absent), has weights,
     *shape]``, in one collective (so mismatched sizes can neither crash gloo nor hang NCCL)."""
@@ -114,7 +109,9 @@ def _share_shapes(
                 raise BatchSizeMismatchError(f"layer {key!r}: features of {x.dim()} dimensions cannot be gathered")
             table[i, 0], table[i, 1] = x.dim(), w is not None
             table[i, 2 : 2 + x.dim()] = torch.tensor(x.shape)
-    local = table.to(device)
+    # on the layers' device; with none here, NCCL only talks through the current GPU, gloo takes the CPU
+    fallback = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    local = table.to(next((x.device for x, _ in layers.values()), fallback or torch.device("cpu")))
     parts = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(parts, local)
     return torch.stack(parts).cpu()
@@ -176,14 +173,14 @@ class _GatherBucket(torch.autograd.Function):
     def forward(ctx: Any, rank: int, world: int, count: int, *tensors: Tensor) -> tuple[Tensor, ...]:
         import torch.distributed as dist
 
-        segments, layout, offset = [], [], 0
-        for t in tensors:
-            raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
-            padding = -raw.numel() % _ALIGN
-            segments.append(raw if not padding else torch.cat([raw, raw.new_zeros(padding)]))
+        raws = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+        layout, offset = [], 0
+        for raw in raws:
             layout.append((offset, raw.numel()))
-            offset += raw.numel() + padding
-        flat = torch.cat(segments) if len(segments) > 1 else segments[0]
+            offset += raw.numel() + (-raw.numel() % _ALIGN)
+        flat = raws[0].new_zeros(offset)  # each tensor copied in once, at an aligned offset
+        for raw, (start, length) in zip(raws, layout, strict=True):
+            flat[start : start + length] = raw
         parts = [torch.empty_like(flat) for _ in range(world)]
         dist.all_gather(parts, flat)
         outputs = []
