@@ -97,6 +97,7 @@ def train(
     guide: nn.Module | None = None,
     mode: str = "none",
     weight: float = 1.0,
+    reduction: str = "sum",
 ) -> dict:
     """Adam 1e-3 on cross-entropy (+ guidance or distillation) through the package's training loop
     (:func:`guidewrap.tasks.fit`, no clipping); the curves and the final predictions."""
@@ -111,7 +112,7 @@ def train(
 
     draw = random_batches(data["x"], data["y"], batch, seed)
     # Pinned (the level and sum measured in docs/results.md), whatever the library's defaults.
-    guidance = {"weight": weight, "layers": "sublayers", "reduction": "sum"} if mode == "guided" else {}
+    guidance = {"weight": weight, "layers": "sublayers", "reduction": reduction} if mode == "guided" else {}
     fit(target, draw, nn.functional.cross_entropy, steps, guide, mode, clip=None, callback=record, **guidance)
     test_acc, test_loss, pred = evaluate(target, data["x_test"], data["y_test"])
     last = curve[-1]
@@ -155,11 +156,11 @@ def run_one(variant: str, seed: int, data: dict[str, Tensor], trained: nn.Module
     guide = trained if variant.endswith("_trained") else untrained
     if variant == "init_noise":
         GuidedModel(
-            target, untrained, guide_inputs="noise", weight=cfg.weight, layers="sublayers", reduction="sum"
+            target, untrained, guide_inputs="noise", weight=cfg.weight, layers="sublayers", reduction=cfg.reduction
         ).pre_align(data["x"][: cfg.batch], steps=cfg.init_steps)
     mode = "guided" if "guided" in variant else "distill" if "distill" in variant else "none"
     steps = cfg.conv_steps if conv else cfg.steps
-    return train(target, data, seed, steps, cfg.batch, cfg.eval_every, guide, mode, cfg.weight)
+    return train(target, data, seed, steps, cfg.batch, cfg.eval_every, guide, mode, cfg.weight, cfg.reduction)
 
 
 def smoke_data(folder: Path) -> Path:
@@ -174,7 +175,7 @@ def smoke_data(folder: Path) -> Path:
     return folder
 
 
-def main(argv: list[str] | None = None, smoke: bool = False) -> list[dict]:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--data-dir", help="folder with the four Fashion-MNIST IDX files (default: the Debian package's)"
@@ -191,13 +192,24 @@ def main(argv: list[str] | None = None, smoke: bool = False) -> list[dict]:
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--conv-depth", type=int, default=20)
     parser.add_argument("--conv-channels", type=int, default=16)
-    parser.add_argument("--weight", type=float, default=1.0, help="guidance weight on the sum over pairs (paper: 1)")
+    parser.add_argument("--weight", type=float, default=1.0, help="guidance weight (paper: 1, on the sum over pairs)")
+    parser.add_argument("--reduction", choices=["sum", "mean"], default="sum", help="over pairs (paper: sum)")
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=Path("runs/fashion"))
     parser.add_argument("--report", action="store_true", help="summarise saved runs instead of training")
     parser.add_argument("--png", type=Path, help="with --report: validation-loss curves PNG")
     parser.add_argument("--smoke", action="store_true", help="tiny generated data and sizes (used by the tests)")
+    return parser
+
+
+def defaults() -> argparse.Namespace:
+    """The study's settings as the command line's defaults (for other studies that run its variants)."""
+    return _parser().parse_args([])
+
+
+def main(argv: list[str] | None = None, smoke: bool = False) -> list[dict]:
+    parser = _parser()
     cfg = parser.parse_args([*(argv or []), "--smoke"] if smoke else argv)
     if cfg.smoke:
         tmp = Path(tempfile.mkdtemp())
