@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .capture import extract, features, lengths_to_mask
+from .capture import extract, features, lengths_to_mask, unfold_calls
 from .errors import BatchSizeMismatchError, MetricError
 from .inputs import Routed, call_guide
 from .layers import LayerPlan
@@ -121,7 +121,11 @@ def reduce_guide(
             raise BatchSizeMismatchError(
                 f"guide layer {name!r} produced {tensor.shape[info.batch_dim]} samples for a batch of {routed.n}"
             )
-        mask = routed.guide_mask if lengths is None else lengths_to_mask(lengths, tensor.shape[1], tensor.device)
+        if lengths is not None:
+            mask = lengths_to_mask(lengths, tensor.shape[1], tensor.device)
+        else:
+            mask = routed.mask_for("guide", info.decoder)
+            tensor, mask = unfold_calls(tensor, mask, info.calls)
         for mode in wanted[name]:
             x, w = features(tensor, info.batch_dim, mode, mask, info.channels_first)
             x, w = shape(x, w, "guide", name)
@@ -185,7 +189,7 @@ def alignment_term(
     metric: Metric,
     captured: dict[str, list[Any]],
     prepared: dict[tuple[str, str], Any],
-    mask: Tensor | None,
+    routed: Routed,
     weight: float | Tensor,
     shape: Shaper,
     n: int,
@@ -213,7 +217,12 @@ def alignment_term(
             )
         key = (pair.target.name, pair.mode)
         if key not in shaped:
-            layer_mask = mask if lengths is None else lengths_to_mask(lengths, tensor.shape[1], tensor.device)
+            if lengths is not None:
+                layer_mask = lengths_to_mask(lengths, tensor.shape[1], tensor.device)
+            else:
+                tensor, layer_mask = unfold_calls(
+                    tensor, routed.mask_for("target", pair.target.decoder), pair.target.calls
+                )
             x, w = features(tensor, pair.target.batch_dim, pair.mode, layer_mask, pair.target.channels_first)
             shaped[key] = shape(x, w, "target", pair.target.name)
         measured.append(i)

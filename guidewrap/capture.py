@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-__all__ = ["extract", "find_batch_dim", "features", "SEQUENCE_MODES"]
+__all__ = ["extract", "find_batch_dim", "features", "unfold_calls", "SEQUENCE_MODES"]
 
 SEQUENCE_MODES = ("flatten", "tokenwise", "mean")
 
@@ -124,6 +124,23 @@ def features(
         return (t * w).sum(1) / w.sum(1).clamp_min(1.0), None
     weights = None if mask is None else mask.transpose(0, 1).to(torch.bool)
     return t.transpose(0, 1), weights
+
+
+def unfold_calls(t: Tensor, mask: Tensor | None, calls: int) -> tuple[Tensor, Tensor | None]:
+    """A layer run several times per forward (ALBERT's shared layer), its calls stacked as
+    ``(n, calls, T, D)``, with an ``(n, T)`` padding mask: ``(n, calls * T, D)`` and the mask repeated
+    per call, so padding is left out of every call (as it is of a layer run once). Anything else is
+    returned as it is.
+
+    Examples:
+        >>> import torch
+        >>> x, m = unfold_calls(torch.ones(2, 3, 4, 5), torch.ones(2, 4), calls=3)
+        >>> tuple(x.shape), tuple(m.shape)
+        ((2, 12, 5), (2, 12))
+    """
+    if calls < 2 or mask is None or t.dim() != 4 or mask.dim() != 2 or tuple(mask.shape) != (t.shape[0], t.shape[2]):
+        return t, mask
+    return t.flatten(1, 2), mask.repeat(1, calls)
 
 
 def sequence_length(t_shape: torch.Size, channels_first: bool) -> int | None:

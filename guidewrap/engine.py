@@ -50,7 +50,7 @@ from .errors import (
     SkippedPairWarning,
 )
 from .hooks import HookSet, watch_double_count
-from .inputs import Routed, call_guide, first_tensor, float_dtype, noise_call, route
+from .inputs import Routed, call_guide, distinct_samples, first_tensor, float_dtype, noise_call, route
 from .layers import (
     DEFAULT_LAYER_TYPES,
     PAPER_LAYER_TYPES,
@@ -62,6 +62,7 @@ from .layers import (
     level_of,
     probe,
 )
+from .outputs import add_to_loss
 from .step import GuidedStep
 from .utils import unwrap_model
 
@@ -113,6 +114,7 @@ class GuidanceEngine:
         self._step_weight = torch.tensor(self.schedule.weight_at(0))
         self.on_step: Callable[[int], None] | None = None
         self._plan: LayerPlan | None = None
+        self._copied: frozenset[str] = frozenset()  # target layers whose output is changed in place later
         self._resumed_plan: dict[str, Any] | None = None  # a checkpoint's plan record, checked at planning
         self._taps = HookSet()  # on the planned layers of target and guide, while the window lasts
         self._guide_slot = SinkSlot()
@@ -127,6 +129,9 @@ class GuidanceEngine:
         # int changing every step would be a guard, and a recompile, every step).
         self._traced_counts = torch.zeros(2, dtype=torch.long)
         self._double_count_checks = 3
+        # Something advances step_count (an attached optimizer, step() calls, the Trainer's callback);
+        # without it a finite window never ends, which end() says once.
+        self.has_step_source = False
         self._warned_tiny_batch = False
         self._left_padded = False  # read from the first guided step's mask under data parallelism
         self._padding_checked = False
@@ -145,6 +150,13 @@ class GuidanceEngine:
         return state
 
     def _freeze_guide(self) -> None:
+        lazy = [name for name, p in self.guide.named_parameters() if nn.parameter.is_lazy(p)]
+        if lazy:
+            raise ConfigError(
+                f"the guide has uninitialised lazy parameters (e.g. {lazy[0]!r}, of a Lazy* module): their shapes "
+                "are set by its first forward, and a frozen guide never trains one. Run the guide once on an example "
+                "batch (guide(example)) before passing it"
+            )
         trainable = [name for name, p in self.guide.named_parameters() if p.requires_grad]
         if trainable and self.config.strict_guide:
             raise GuideRequiresGradError(
@@ -171,11 +183,13 @@ class GuidanceEngine:
                 f"optimizer must be a torch.optim.Optimizer (or wrap one), got {type(optimizer).__name__}"
             )
         self._optimizer_hooks.add(opt.register_step_post_hook(lambda *_: self.step()))
+        self.has_step_source = True
 
     # ------------------------------------------------------------------ steps and state
 
     def step(self) -> None:
         """Advance the optimizer-step counter that drives the window and the decay."""
+        self.has_step_source = True
         self.step_count += 1
         self._sync_schedule()
         if self.on_step is not None:
@@ -364,13 +378,29 @@ class GuidanceEngine:
             weight = self._step_weight if torch.compiler.is_compiling() else self.weight
             self._loss = self._finish(step, weight)
             self._count(0, "guided_forwards")
+            if not self.has_step_source and not torch.compiler.is_compiling():
+                self._warn_if_window_cannot_end()
         if self.config.add_to_output_loss:
-            with_term = _add_to_loss(output, self._loss)
+            output, with_term = add_to_loss(output, self._loss)
             checking = self._double_count_checks and not torch.compiler.is_compiling()  # a diagnostic only
             if with_term is not None and checking and self._loss.requires_grad:
                 self._double_count_checks -= 1  # the first steps show the pattern; later ones cost nothing
                 watch_double_count(with_term, self._loss)
         return output
+
+    def _warn_if_window_cannot_end(self) -> None:
+        """Once: a finite window (or decay) with nothing advancing the step counter never ends.
+        Checked after ``until_step + 100`` guided forwards (gradient accumulation calls step() late)."""
+        until = self.schedule.until_step
+        if until is None or self._counts["guided_forwards"] != until + 100:
+            return
+        warnings.warn(
+            f"guidance has run {until + 100} guided forwards but its step counter is still {self.step_count}: "
+            f"nothing advances it, so the window until_step={until} never ends (nor does the weight decay). Pass "
+            "optimizer=your_optimizer (its step() counts), or call guided.step() after each optimizer step",
+            GuidewrapWarning,
+            stacklevel=4,
+        )
 
     def abort(self) -> None:
         """Forget the open step (a forward that raised, or a new one starting)."""
@@ -381,14 +411,17 @@ class GuidanceEngine:
         routed = self._route(args, kwargs)
         self._target_float = float_dtype(self.target)
         world = distributed.world_size(self.config.distributed)
-        if not self._warned_tiny_batch and routed.n * world == 2:
-            self._warned_tiny_batch = True
-            warnings.warn(
-                "guided step on a batch of 2 samples: centred features of 2 samples have rank 1, so CKA is 1 "
-                "for any layers and the alignment term is 0 (nothing is guided); use batches of 8 or more",
-                GuidewrapWarning,
-                stacklevel=4,
-            )
+        if not self._warned_tiny_batch and self._counts["guided_forwards"] < 3 and not torch.compiler.is_compiling():
+            distinct = routed.n * world if world > 1 else distinct_samples(args, kwargs, routed.axes[0])
+            if distinct <= 2:
+                self._warned_tiny_batch = True
+                warnings.warn(
+                    f"guided step on a batch of {routed.n * world} samples of which {distinct} differ: centred "
+                    f"features of {distinct} distinct samples have rank {max(distinct - 1, 0)}, so CKA is 1 for any "
+                    "layers and the alignment term is 0 (nothing is guided); use batches of 8 or more distinct samples",
+                    GuidewrapWarning,
+                    stacklevel=4,
+                )
         if not self._padding_checked and routed.mask is not None and routed.mask.dim() == 2:
             self._padding_checked = True  # the collator's padding side does not change: one host read
             if world > 1:
@@ -398,7 +431,7 @@ class GuidanceEngine:
             routed = self._resolve_plan(args, kwargs, routed)
         plan = self._plan
         self._install_taps(plan)
-        step = GuidedStep(routed)
+        step = GuidedStep(routed, copy=self._copied)
         step.prepared = reduce_guide(
             self.guide, plan, self.metric, routed, self._shape, self._guide_slot, self._gatherer()
         )
@@ -420,6 +453,15 @@ class GuidanceEngine:
     def _finish(self, step: GuidedStep, weight: float | Tensor) -> Tensor:
         if self._plan is None or step.routed is None:
             raise PlanError("a guided step ended before its plan was resolved")
+        modified = [name for name in step.modified_in_place() if name not in self._copied]
+        if modified:  # not seen by the probe (a data-dependent in-place op): copied from now on
+            self._copied |= frozenset(modified)
+            warnings.warn(
+                f"target layer {modified[0]!r}'s output was modified in place after it returned, so this step "
+                "measured the modified value; from the next step on it is copied when captured",
+                GuidewrapWarning,
+                stacklevel=4,
+            )
         if self.config.reduction == "mean":
             weight = weight / len(self._plan)
         term = alignment_term(
@@ -427,7 +469,7 @@ class GuidanceEngine:
             self.metric,
             step.captured,
             step.prepared,
-            step.routed.mask,
+            step.routed,
             weight,
             self._shape,
             step.routed.n,
@@ -543,6 +585,12 @@ class GuidanceEngine:
             t_layers, g_layers, self.config.layers, self.config.sequence, self.config.exclude_output_layer
         )
         self._plan.notes.extend(notes)
+        self._copied = frozenset(p.target.name for p in self._plan if p.target.in_place)
+        self._plan.notes.extend(
+            f"target layer {name!r}: its output is modified in place after it returns (an in-place op such as "
+            "ReLU(inplace=True) follows it), so it is copied when captured"
+            for name in sorted(self._copied)
+        )
         self._check_resumed_plan()
         self._taps.remove()
         return routed
@@ -562,7 +610,10 @@ class GuidanceEngine:
         self, side: str, names: list[str] | None, args: tuple[Any, ...], kwargs: dict[str, Any], routed: Routed
     ) -> list[Any]:
         if side == "target":
-            with torch.no_grad():
+            # With gradients on (nothing runs backward), each output's requires_grad says whether a
+            # trainable parameter is at or upstream of its layer: frozen layers are not planned.
+            trainable = any(p.requires_grad for p in self.target.parameters())
+            with torch.enable_grad() if trainable else torch.no_grad():
                 run = lambda: self.target(*args, **kwargs)  # noqa: E731
                 return probe(self.target, run, routed.n, names, self.layer_types, routed.axes[0])
         with torch.inference_mode():
@@ -701,12 +752,3 @@ class _Unread:
     skipped: Tensor
     nonfinite: Tensor
     missing: set[str]
-
-
-def _add_to_loss(output: Any, term: Tensor) -> Tensor | None:
-    """Add ``term`` to ``output.loss`` / ``output["loss"]`` when the output carries a loss; the new loss."""
-    if isinstance(output, Mapping) and output.get("loss") is not None:
-        loss = output["loss"]
-        output["loss"] = loss + term.to(loss.device, loss.dtype) if isinstance(loss, Tensor) else loss + term  # type: ignore[index]
-        return output["loss"]
-    return None

@@ -23,7 +23,17 @@ from torch import Tensor, nn
 
 from .errors import BatchSizeMismatchError, ConfigError, NoiseInputError
 
-__all__ = ["Routed", "route", "batch_size", "noise_call", "make_noise", "vocab_size_of", "normalize_call", "fit_call"]
+__all__ = [
+    "Routed",
+    "route",
+    "batch_size",
+    "distinct_samples",
+    "noise_call",
+    "make_noise",
+    "vocab_size_of",
+    "normalize_call",
+    "fit_call",
+]
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -138,7 +148,7 @@ def fit_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, An
 
     kwargs = {k: v for k, v in kwargs.items() if k not in TRAINING_ONLY_KEYS}
     kept = filter_kwargs(fn, kwargs)
-    leftover = [v for k, v in kwargs.items() if k not in kept]
+    leftover = {k: v for k, v in kwargs.items() if k not in kept}
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
@@ -149,8 +159,34 @@ def fit_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, An
         for p in params[len(args) :]
         if p.kind in positional and p.default is inspect.Parameter.empty and p.name not in kept
     ]
-    fill = leftover[: len(missing)]
-    return tuple(args) + tuple(fill), kept
+    return tuple(args) + tuple(_fill_by_name(missing, leftover)), kept
+
+
+# The names a model's main input goes by, for a guide whose forward takes it positionally.
+PRIMARY_INPUTS = ("input_ids", "x", "input", "inputs", "pixel_values", "input_values", "inputs_embeds", "images", "src")
+
+
+def _fill_by_name(missing: list[Any], leftover: dict[str, Any]) -> list[Any]:
+    """Values for a forward's required positional parameters from keywords it does not name: by name
+    (``mask`` takes ``attention_mask``), then the one main input (``input_ids``, ``x``, ...) for the
+    first parameter, then the only keyword left; never by the keywords' order."""
+    pool, fill = dict(leftover), []
+    for position, param in enumerate(missing):
+        if not pool:
+            break
+        found = [k for k in pool if k.endswith("_" + param.name) or param.name.endswith("_" + k)]
+        if len(found) != 1 and position == 0:
+            found = [k for k in pool if k in PRIMARY_INPUTS]
+        if len(found) != 1 and len(pool) == 1:
+            found = list(pool)
+        if len(found) != 1:
+            raise ConfigError(
+                f"the guide's forward takes {param.name!r} positionally, and the call's keywords "
+                f"({', '.join(pool)}) do not say which one it is; pass guide_inputs=lambda **kw: ... returning "
+                "the guide's arguments (e.g. (kw['input_ids'],) or a dict of its parameter names)"
+            )
+        fill.append(pool.pop(found[0]))
+    return fill
 
 
 def first_tensor(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Tensor | None:
@@ -161,6 +197,8 @@ def first_tensor(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Tensor | N
 
     for value in (*args, *kwargs.values()):
         if isinstance(value, Tensor):
+            if value.dim() == 0:
+                continue  # a scalar argument (a diffusion time step, a temperature) holds no batch
             return value
         if isinstance(value, PackedSequence):  # a tuple subclass: test before containers
             return extract(value)[0]
@@ -181,6 +219,15 @@ class Routed:
     mask: Tensor | None
     guide_mask: Tensor | None
     axes: tuple[int, int] = (0, 0)  # the batch axis of the target's and of the guide's first input
+    # An encoder-decoder's decoder positions: their own mask (decoder_attention_mask), never the source's.
+    decoder_mask: Tensor | None = None
+    guide_decoder_mask: Tensor | None = None
+
+    def mask_for(self, side: str, decoder: bool) -> Tensor | None:
+        """The padding mask of a layer: the decoder's for a decoder layer, else the input's."""
+        if side == "target":
+            return self.decoder_mask if decoder else self.mask
+        return self.guide_decoder_mask if decoder else self.guide_mask
 
 
 def batch_size(args: tuple[Any, ...], kwargs: Mapping[str, Any], batch_dim: int) -> int:
@@ -195,8 +242,39 @@ def batch_size(args: tuple[Any, ...], kwargs: Mapping[str, Any], batch_dim: int)
     if tensor is None:
         raise ConfigError("guidance needs a tensor input to find the batch size, but the forward got none")
     if tensor.dim() <= batch_dim:
-        raise ConfigError(f"input_batch_dim={batch_dim} but the first input has shape {tuple(tensor.shape)}")
+        raise ConfigError(
+            f"the batch axis is {batch_dim} (input_batch_dim), but the first tensor input has shape "
+            f"{tuple(tensor.shape)}: set input_batch_dim to the axis that counts the samples"
+        )
     return int(tensor.shape[batch_dim])
+
+
+def distinct_samples(args: tuple[Any, ...], kwargs: Mapping[str, Any], batch_dim: int) -> int:
+    """How many samples of a call's first tensor differ (a batch of one sample repeated has 1).
+
+    Examples:
+        >>> import torch
+        >>> distinct_samples((torch.tensor([[1.0], [2.0], [1.0]]),), {}, 0)
+        2
+    """
+    n = batch_size(args, kwargs, batch_dim)
+    rows = [
+        t.detach().movedim(batch_dim, 0).reshape(n, -1).double()
+        for t in _tensors((*args, *kwargs.values()))
+        if t.dim() > batch_dim and t.shape[batch_dim] == n
+    ]  # every input counted: samples differ when any of their inputs does
+    table = torch.cat(rows, dim=1) if rows else torch.zeros(n, 0)
+    return int(torch.unique(table, dim=0).shape[0]) if table.numel() else n
+
+
+def _tensors(values: Any) -> Any:
+    for value in values:
+        if isinstance(value, Tensor):
+            yield value
+        elif isinstance(value, Mapping):
+            yield from _tensors(value.values())
+        elif isinstance(value, (tuple, list)):
+            yield from _tensors(value)
 
 
 def route(
@@ -236,11 +314,17 @@ def route(
     g_args, g_kwargs = fit_call(guide.forward, tuple(g_args), g_kwargs)
     dtype = float_dtype(guide)
     g_args, g_kwargs = _to_dtype(g_args, dtype), _to_dtype(g_kwargs, dtype)
-    mask = kwargs.get(mask_key)
-    mask = mask if isinstance(mask, Tensor) else None
-    g_mask = g_kwargs.get(mask_key, mask)
+    mask, g_mask = _tensor_or_none(kwargs.get(mask_key)), _tensor_or_none(g_kwargs.get(mask_key))
+    decoder, g_decoder = (_tensor_or_none(kw.get("decoder_" + mask_key)) for kw in (kwargs, g_kwargs))
     move_to_data(guide, g_args, g_kwargs)
-    return Routed(n, g_args, g_kwargs, mask, g_mask if isinstance(g_mask, Tensor) else None, (batch_dim, g_axis))
+    return Routed(
+        n, g_args, g_kwargs, mask, mask if mask_key not in g_kwargs else g_mask, (batch_dim, g_axis), decoder,
+        decoder if "decoder_" + mask_key not in g_kwargs else g_decoder,
+    )  # fmt: skip
+
+
+def _tensor_or_none(value: Any) -> Tensor | None:
+    return value if isinstance(value, Tensor) else None
 
 
 def _guide_axis(args: tuple[Any, ...], kwargs: Mapping[str, Any], target_axis: int, n: int) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fnmatch
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -150,6 +151,10 @@ class LayerInfo:
     declared: tuple[int, int] | None = None  # (batch axis, its size) per the module's batch_first
     ambiguous: bool = False  # several output axes have the batch's size and nothing declared which
     head: bool = False  # a linear layer whose output the model returns: a real output head
+    in_place: bool = False  # the network modifies this output in place after it returns (ReLU(inplace=True))
+    folded: int | None = None  # skipped as folded; the axis of size n it would have taken (see _agree)
+    trainable: bool | None = None  # a trainable parameter at or upstream of it (None: not known)
+    decoder: bool = False  # in an encoder-decoder's decoder: padded by the decoder's mask, not the source's
 
     @property
     def features(self) -> int:
@@ -307,13 +312,59 @@ def resolve_names(model: nn.Module, patterns: Sequence[str], model_name: str) ->
 
 
 def _is_candidate(module: nn.Module, layer_types: Sequence[type[nn.Module] | str]) -> bool:
+    module = base_layer(module)
     for kind in layer_types:
         if isinstance(kind, str):
-            if type(module).__name__ == kind:
+            if layer_type(module) == kind:
                 return True
         elif isinstance(module, kind):
             return True
     return False
+
+
+def base_layer(module: nn.Module) -> nn.Module:
+    """The layer an adapter wraps (peft's LoRA keeps it as ``base_layer`` beside ``lora_A`` /
+    ``lora_B``), else the module itself. The wrapper's output is the adapted layer's output, so the
+    wrapper is planned as that layer and nothing inside it is.
+
+    Examples:
+        >>> from torch import nn
+        >>> class Adapter(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.base_layer, self.lora_A = nn.Linear(4, 4), nn.Linear(4, 1)
+        >>> type(base_layer(Adapter())).__name__, type(base_layer(nn.ReLU())).__name__
+        ('Linear', 'ReLU')
+    """
+    inner = getattr(module, "base_layer", None)
+    while isinstance(inner, nn.Module) and inner is not module:
+        module, inner = inner, getattr(inner, "base_layer", None)
+    return module
+
+
+@functools.cache
+def _fsdp_module() -> type | None:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed
+        return None
+    return FSDPModule
+
+
+def layer_type(module: nn.Module) -> str:
+    """The class name a layer is known by: its own, or for a sharded layer (FSDP2 makes a ``Linear``
+    an ``FSDPLinear``) the class it shards, so sharding never changes what is matched.
+
+    Examples:
+        >>> import torch
+        >>> layer_type(torch.nn.Linear(2, 2))
+        'Linear'
+    """
+    fsdp = _fsdp_module()
+    cls = type(module)
+    if fsdp is not None and isinstance(module, fsdp):
+        cls = next((c for c in cls.__mro__ if not issubclass(c, fsdp)), cls)
+    return cls.__name__
 
 
 def _batch_first_hint(model: nn.Module, name: str) -> bool | None:
@@ -383,6 +434,10 @@ def probe(
     modules = dict(model.named_modules())
     if names is None:
         candidates = {name: m for name, m in modules.items() if name and _is_candidate(m, layer_types)}
+        wrappers = [name for name in candidates if base_layer(modules[name]) is not modules[name]]
+        candidates = {
+            name: m for name, m in candidates.items() if not any(name.startswith(w + ".") for w in wrappers)
+        }  # inside an adapter: its base layer alone, or the adapter's rank-r parts, are not the adapted layer
         if not candidates and _is_candidate(model, layer_types):
             candidates = {"": model}  # a bare layer as the whole model (nn.LSTM, nn.Linear): itself
     else:
@@ -390,16 +445,21 @@ def probe(
     seen: dict[str, LayerInfo] = {}
     last: dict[str, Tensor] = {}  # each layer's latest output tensor, for the identity checks
     finished: dict[str, None] = {}  # names in the order their (last) call returned
+    versions: list[tuple[str, Tensor, int]] = []  # each output's version counter when it returned
 
     def make_hook(name: str, module: nn.Module) -> Callable[..., None]:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
             tensor = extract(output)[0]
             if tensor is not None:
                 last[name] = tensor
+                if not tensor.is_inference():  # inference tensors (the guide's probe) have no counter
+                    versions.append((name, tensor, tensor._version))
             finished.pop(name, None)
             finished[name] = None
             if name not in seen:
                 seen[name] = describe(model, name, module, output, n, input_axis)
+                if tensor is not None and torch.is_grad_enabled() and not tensor.is_inference():
+                    seen[name].trainable = tensor.requires_grad  # through a trainable parameter, or not
                 return
             first, again = seen[name], describe(model, name, module, output, n, input_axis)
             first.calls += 1
@@ -420,8 +480,17 @@ def probe(
     finally:
         for handle in handles:
             handle.remove()
+    if not seen and names is None and "" not in candidates:
+        if _is_candidate(model, layer_types):  # a bare MultiheadAttention computes without its out_proj module
+            return probe(model, run, n, [""], layer_types, input_axis)
+        raise PlanError(_none_ran(model, run, candidates))
     returned = {_storage_key(t) for t in _float_tensors(result)}
     infos = list(seen.values())
+    changed = {name for name, tensor, version in versions if tensor._version != version}
+    encoder_decoder = _is_encoder_decoder(model)
+    for info in infos:
+        info.in_place = info.name in changed
+        info.decoder = encoder_decoder and "decoder" in info.name.split(".")
     for info in infos:
         tensor = last.get(info.name)
         info.head = (
@@ -435,6 +504,47 @@ def probe(
             info.channels_first = False
     _skip_same_tensor(infos, last, finished)
     return _agree(infos)
+
+
+def _none_ran(model: nn.Module, run: Callable[[], Any], candidates: Mapping[str, nn.Module]) -> str:
+    """Why no layer can be planned when no candidate ran: the candidates, and what ran instead."""
+    ran: dict[str, None] = {}
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            ran[name] = None
+
+        return hook
+
+    leaves = {name: m for name, m in model.named_modules() if next(m.children(), None) is None}
+    handles = [m.register_forward_hook(record(name)) for name, m in leaves.items()]
+    try:
+        with _no_side_effects(model):
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    listed = ", ".join(f"{name or '(the model)'} ({layer_type(leaves[name])})" for name in list(ran)[:6])
+    where = (
+        f"{len(candidates)} modules of those types exist ({', '.join(list(candidates)[:3])}) but none ran"
+        if candidates
+        else "it has none"
+    )
+    return (
+        f"nothing to align: no layer of the types guidance aligns ran in the forward of {type(model).__name__} "
+        f"({where}). The modules "
+        f"that ran: {listed or 'none'}. Choose its layers by name, layers={{'target': [...], 'guide': [...]}}, or "
+        "by type, layer_types=(nn.Embedding, ...)"
+    )
+
+
+def _is_encoder_decoder(model: nn.Module) -> bool:
+    """A Hugging Face encoder-decoder (``config.is_encoder_decoder``), or a model with an ``encoder``
+    and a ``decoder`` of its own."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return True
+    children = dict(model.named_children())
+    return isinstance(children.get("encoder"), nn.Module) and isinstance(children.get("decoder"), nn.Module)
 
 
 def _storage_key(tensor: Tensor) -> tuple[int, int]:
@@ -486,14 +596,29 @@ def _agree(infos: list[LayerInfo]) -> list[LayerInfo]:
         return infos
     axis = declared.pop()
     for info in infos:
+        if info.folded is not None and info.folded == axis and info.shape is not None:
+            # A sequence-first model ((T, n, d) with T a multiple of n): the declared layout, not a fold.
+            shape = list(info.shape)
+            shape.insert(0, shape.pop(axis))
+            info.shape, info.batch_dim, info.skip_reason, info.folded = tuple(shape), axis, None, None
+    for info in infos:
         if info.ambiguous and info.batch_dim != axis and info.shape is not None and len(info.shape) == 3:
             info.batch_dim = axis  # the sizes are equal, so the batch-first shape is unchanged
     return infos
 
 
+def _folded(tensor: Tensor, n: int, input_axis: int) -> bool:
+    """Whether the input's batch axis holds a multiple of the batch in this output: samples times
+    frames (video folded into the batch) or times windows (Swin's attention), sample-major or not."""
+    if tensor.dim() <= input_axis or n < 1:
+        return False
+    rows = int(tensor.shape[input_axis])
+    return rows > n and rows % n == 0
+
+
 def describe(model: nn.Module, name: str, module: nn.Module, output: Any, n: int, input_axis: int = 0) -> LayerInfo:
     """LayerInfo for one output of ``module`` given a batch of ``n`` samples."""
-    kind = type(module).__name__
+    kind = layer_type(base_layer(module))
     tensor, lengths = extract(output)
     if tensor is None:
         return LayerInfo(name, kind, None, skip_reason=f"output of type {type(output).__name__} holds no float tensor")
@@ -503,6 +628,14 @@ def describe(model: nn.Module, name: str, module: nn.Module, output: Any, n: int
         axis = 0 if hint else 1
         declared = (axis, int(tensor.shape[axis]))
     batch_dim = find_batch_dim(tensor, n, hint, input_axis)
+    if hint is None and _folded(tensor, n, input_axis):
+        k = tensor.shape[input_axis] // n
+        return LayerInfo(
+            name, kind, tuple(tensor.shape), skip_reason=f"its output {tuple(tensor.shape)} holds {k} x {n} rows on "
+            f"the batch axis {input_axis}: another axis (frames, windows, crops) is folded into the batch, so a size "
+            f"{n} elsewhere is a coincidence, not the batch; align a layer where the fold is undone (layers=...)",
+            folded=batch_dim,
+        )  # fmt: skip
     if batch_dim is None:
         return LayerInfo(
             name, kind, tuple(tensor.shape), skip_reason=f"no batch dimension of size {n} in output shape "
@@ -562,19 +695,36 @@ def build_plan(
     g_auto = level_of(layers["guide"] if isinstance(layers, dict) else layers) is not None
     t_good = _usable(target_layers, "target", not t_auto, exclude_output_layer and t_auto, skipped)
     g_good = _usable(guide_layers, "guide", not g_auto, exclude_output_layer and g_auto, skipped)
+    # Namesakes are found over every usable layer: a frozen target layer still names its place in the body.
+    namesakes = _namesakes(t_good, g_good) if t_auto and g_auto else None
+    if t_auto:
+        t_good = _trainable(t_good, skipped, notes)
     if not t_good or not g_good:
         side = "target" if not t_good else "guide"
+        reasons = [i.skip_reason or "" for s, i in skipped if s == side]
+        fix = "Pass layers={'target': [...], 'guide': [...]} or layer_types=... to choose layers."
+        if reasons and all(r.startswith("no batch dimension") for r in reasons):
+            fix = (
+                f"Every {side} layer's output lacks the batch size read from the {side}'s first tensor input (its "
+                "axis 0, or input_batch_dim): if that input does not count the samples (a flat token list with "
+                "offsets, as EmbeddingBag(text, offsets) takes), pass batched inputs ((n, T) ids) or set "
+                "input_batch_dim / guide_input_batch_dim to the axis that counts them."
+            )
         raise PlanError(
             f"no usable {side} layer was found, so there is nothing to align. Skipped: "
-            + (", ".join(f"{i.name} ({i.skip_reason})" for s, i in skipped if s == side) or "none ran")
-            + ". Pass layers={'target': [...], 'guide': [...]} or layer_types=... to choose layers."
+            + ", ".join(f"{i.name} ({i.skip_reason})" for s, i in skipped if s == side)
+            + f". {fix}"
         )
-    namesakes = _namesakes(t_good, g_good) if t_auto and g_auto else None
     if namesakes is not None:
         pairs_found, unmatched = namesakes
         for side, info in unmatched:
             info.skip_reason = "no namesake in the other network (the two share a body; heads may differ)"
             skipped.append((side, info))
+        for t, g in pairs_found:
+            if t not in t_good:  # left out as frozen: its namesake goes too
+                g.skip_reason = f"its namesake {t.name!r} in the target is frozen"
+                skipped.append(("guide", g))
+        pairs_found = [(t, g) for t, g in pairs_found if t in t_good]
         notes.append(
             f"the two networks share a body: each of its {len(pairs_found)} layers is paired with its namesake"
         )
@@ -623,6 +773,8 @@ def _namesakes(
             matched.append((i, found[0]))
     if len(matched) < 2 or [j for _, j in matched] != sorted(j for _, j in matched):
         return None
+    if all(_is_index_path(t_good[i].name) for i, _ in matched):
+        return None  # "0", "2": positions in two different Sequentials, not names of one shared body
     t_hit, g_hit = {i for i, _ in matched}, {j for _, j in matched}
     if len(g_hit) < len(matched):
         return None
@@ -634,6 +786,11 @@ def _namesakes(
     unmatched = [("target", t_good[i]) for i in range(len(t_good)) if i not in t_hit]
     unmatched += [("guide", g_good[j]) for j in range(len(g_good)) if j not in g_hit]
     return [(t_good[i], g_good[j]) for i, j in matched], unmatched
+
+
+def _is_index_path(name: str) -> bool:
+    """A name made of container indices only (``"2"``, ``"1.0"``)."""
+    return all(part.isdigit() for part in name.split("."))
 
 
 def _paper_plan(
@@ -708,6 +865,23 @@ def _usable(
             )
             skipped.append((side, head))
     return good
+
+
+def _trainable(good: list[LayerInfo], skipped: list[tuple[str, LayerInfo]], notes: list[str]) -> list[LayerInfo]:
+    """The target's layers that training can move: a frozen layer with no trainable parameter at or
+    upstream of it (a frozen backbone under a trainable head) gives a constant term, which only
+    dilutes the mean over pairs. Kept when every layer is frozen (a plan of a frozen model)."""
+    frozen = [i for i in good if i.trainable is False]
+    if not frozen or len(frozen) == len(good):
+        return good
+    for info in frozen:
+        info.skip_reason = "frozen: no trainable parameter at or upstream of it (its term would be a constant)"
+        skipped.append(("target", info))
+    notes.append(
+        f"{len(frozen)} frozen target layer{'s' if len(frozen) > 1 else ''} left out: no trainable parameter at or "
+        "upstream of them, so aligning them trains nothing; name them in layers=... to align them anyway"
+    )
+    return [i for i in good if i.trainable is not False]
 
 
 def _pair(t: LayerInfo, g: LayerInfo, sequence: str, notes: list[str]) -> LayerPair:

@@ -67,14 +67,21 @@ def first_tensor_of(output: Any) -> Tensor:
     return first_tensor_of(output[0])
 
 
-def capture_outputs(model: nn.Module, names: set[str] | list[str], call: Callable[[], Any]) -> dict[str, Tensor]:
+def capture_outputs(
+    model: nn.Module, names: set[str] | list[str], call: Callable[[], Any], calls: bool = False
+) -> dict[str, Tensor]:
     """Run ``call()`` with the test's own forward hooks on ``model``'s named layers and return each
-    layer's activation (independent of guidewrap's capture); the hooks are always removed."""
+    layer's activation (independent of guidewrap's capture), copied when the layer returns (an
+    in-place op after it, ``nn.ReLU(inplace=True)``, does not change it); the hooks are always removed.
+    ``calls``: a layer run several times gives its calls stacked after the batch axis (else the last)."""
     out: dict[str, Tensor] = {}
-    handles = [
-        model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: out.__setitem__(n, first_tensor_of(o)))
-        for n in names
-    ]
+    seen: dict[str, list[Tensor]] = {}
+
+    def keep(name: str, output: Any) -> None:
+        seen.setdefault(name, []).append(first_tensor_of(output).detach().clone())
+        out[name] = seen[name][0] if len(seen[name]) == 1 or not calls else torch.stack(seen[name], dim=1)
+
+    handles = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: keep(n, o)) for n in names]
     try:
         call()
     finally:

@@ -128,7 +128,46 @@ def _t5_inputs(input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "decoder_input_ids": input_ids}
 
 
+def _densenet() -> nn.Module:
+    return torchvision.models.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=10)
+
+
+def _vgg() -> nn.Module:  # in-place ReLUs after every conv
+    cfg = [8, "M", 16, "M", 16]
+    net = torchvision.models.VGG(torchvision.models.vgg.make_layers(cfg), num_classes=10, dropout=0.0)
+    net.classifier = nn.Sequential(nn.Linear(16 * 7 * 7, 32), nn.ReLU(inplace=True), nn.Linear(32, 10))
+    return net
+
+
+def _hf_more(kind: str) -> nn.Module:
+    t = transformers
+    small = {"vocab_size": VOCAB, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "intermediate_size": 32}  # fmt: skip
+    if kind == "albert":  # one layer shared by both depths: its calls are stacked
+        return t.AlbertModel(t.AlbertConfig(embedding_size=8, hidden_dropout_prob=0.0, **small))
+    if kind == "distilbert":
+        cfg = t.DistilBertConfig(vocab_size=VOCAB, dim=16, n_layers=2, n_heads=2, hidden_dim=32, dropout=0.0)
+        return t.DistilBertModel(cfg)
+    if kind == "llama":
+        return t.LlamaModel(t.LlamaConfig(num_key_value_heads=1, max_position_embeddings=32, **small))
+    if kind == "qwen2":
+        return t.Qwen2Model(t.Qwen2Config(num_key_value_heads=1, max_position_embeddings=32, **small))
+    if kind == "opt":
+        cfg = t.OPTConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32,
+                          word_embed_proj_dim=16, max_position_embeddings=32, dropout=0.0)  # fmt: skip
+        return t.OPTModel(cfg)
+    if kind == "swin":  # attention over windows folded into the batch
+        cfg = t.SwinConfig(image_size=32, patch_size=4, num_channels=3, embed_dim=16, depths=[1, 1],
+                           num_heads=[2, 2], window_size=2, hidden_dropout_prob=0.0, drop_path_rate=0.0)  # fmt: skip
+        return t.SwinModel(cfg)
+    raise KeyError(kind)
+
+
 IMAGES: dict[str, Callable[[], nn.Module]] = {
+    "vgg": _vgg,
+    "squeezenet": lambda: torchvision.models.squeezenet1_1(num_classes=10),
+    "densenet": _densenet,
+    "swin": lambda: _hf_more("swin"),
     "resnet18": lambda: torchvision.models.resnet18(num_classes=10),
     "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(num_classes=10),
     "vit": _vit,
@@ -142,6 +181,11 @@ TOKENS: dict[str, Callable[[], nn.Module]] = {
     "lstm_batch_first": lambda: _TokenLSTM(seq_first=False),
     "lstm_seq_first": lambda: _TokenLSTM(seq_first=True),
     "massive_activations": _MassiveActivations,
+    "albert": lambda: _hf_more("albert"),
+    "distilbert": lambda: _hf_more("distilbert"),
+    "llama": lambda: _hf_more("llama"),
+    "qwen2": lambda: _hf_more("qwen2"),
+    "opt": lambda: _hf_more("opt"),
 }
 # (target, guide): every family is a target or a guide at least once.
 CASES = [
@@ -157,6 +201,15 @@ CASES = [
     ("gpt2", "lstm_seq_first"),
     ("massive_activations", "bert"),
     ("lstm_batch_first", "massive_activations"),
+    ("vgg", "squeezenet"),
+    ("squeezenet", "densenet"),
+    ("densenet", "swin"),
+    ("swin", "vgg"),
+    ("albert", "distilbert"),
+    ("distilbert", "llama"),
+    ("llama", "qwen2"),
+    ("qwen2", "opt"),
+    ("opt", "albert"),
 ]
 
 
@@ -181,10 +234,13 @@ def test_every_reported_pair_matches_a_float64_reference(target_name: str, guide
         guided(x)
         plan = guided.plan()
         reported = guided.last_alignment
-        t_out = capture_outputs(target, {p.target.name for p in plan}, torch.no_grad()(lambda: target(x)))
+        t_out = capture_outputs(target, {p.target.name for p in plan}, torch.no_grad()(lambda: target(x)), calls=True)
         g_call = _t5_inputs(x) if guide_name == "t5" else {}
         g_out = capture_outputs(
-            guide, {p.guide.name for p in plan}, torch.no_grad()(lambda: guide(**g_call) if g_call else guide(x))
+            guide,
+            {p.guide.name for p in plan},
+            torch.no_grad()(lambda: guide(**g_call) if g_call else guide(x)),
+            calls=True,
         )
     assert len(plan) > 0
     assert set(reported) == {p.key for p in plan}, f"pairs not measured: {({p.key for p in plan}) - set(reported)}"

@@ -78,6 +78,7 @@ class GuidanceCallback(TrainerCallback):
         # The term goes in through compute_loss (which knows the Trainer's normalisation),
         # never twice through the model's output loss.
         self.engine = GuidanceEngine(trainer.model, guide, dataclasses.replace(config, add_to_output_loss=False))
+        self.engine.has_step_source = True  # the Trainer's global_step drives it (on_step_end)
         self._root_hooks = HookSet()
         self._sums: dict[str, float] = {}
         self._count = 0
