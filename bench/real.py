@@ -18,14 +18,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from guidewrap import GuidedModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step import strength_cost  # noqa: E402  (one amortisation rule for both benches)
 
 MATCHING: dict[str, Any] = {"layers": "auto", "reduction": "mean", "weight": 1.0}  # the defaults, named
 
@@ -78,6 +83,8 @@ def make_steps(
     guide: nn.Module,
     batch: dict[str, torch.Tensor],
     guide_batch: dict[str, torch.Tensor],
+    strength: float | None = None,
+    reps: int = 7,
     **settings: Any,
 ) -> dict[str, Callable[[], None]]:
     """plain, floor and guided steps on one batch (the target's output carries its loss)."""
@@ -101,7 +108,10 @@ def make_steps(
             guide(**guide_batch)
         plain()
 
-    return {"plain": plain, "floor": floor, "guided": train_step(guided)}
+    steps = {"plain": plain, "floor": floor, "guided": train_step(guided)}
+    if strength is not None:  # re-measured on the last timed repetition: strength_every = the repetitions
+        steps["strength"] = train_step(GuidedModel(target, guide, **settings, strength=strength, strength_every=reps))
+    return steps
 
 
 def time_steps(steps: dict[str, Callable[[], None]], reps: int) -> dict[str, float]:
@@ -113,7 +123,12 @@ def time_steps(steps: dict[str, Callable[[], None]], reps: int) -> dict[str, flo
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
+    RAW_TIMES.clear()
+    RAW_TIMES.update(times)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+RAW_TIMES: dict[str, list[float]] = {}  # the last time_steps' every repetition, by step
 
 
 def _report(title: str, med: dict[str, float], pairs: int) -> float:
@@ -123,7 +138,14 @@ def _report(title: str, med: dict[str, float], pairs: int) -> float:
 
 
 def main(
-    reps: int = 7, batch: int = 8, length: int = 128, vocab: int = 50257, width: int = 128, tiny: bool = False
+    reps: int = 7,
+    batch: int = 8,
+    length: int = 128,
+    vocab: int = 50257,
+    width: int = 128,
+    tiny: bool = False,
+    strength: float | None = None,
+    strength_every: int = 25,
 ) -> float:
     torch.manual_seed(0)
     print(
@@ -135,11 +157,16 @@ def main(
     target = gpt2(vocab, 4, width, length)
     ratios = {}
     for name, guide in (("gpt2", gpt2(vocab, 4, width, length)), ("lstm", LSTMLM(vocab, width))):
-        steps = make_steps(target, guide, lm_batch, {"input_ids": ids}, **MATCHING)
+        with_strength = strength if name == "gpt2" else None
+        steps = make_steps(target, guide, lm_batch, {"input_ids": ids}, with_strength, reps, **MATCHING)
         pairs = len(GuidedModel(target, guide, **MATCHING).plan(input_ids=ids))
         med = time_steps(steps, reps)
         ratios[name] = _report(f"GPT-2 LM (4 x {width}, vocab {vocab}) <- {name}, batch {batch} x {length}", med, pairs)
         print(f"lm_{name}_guided_over_floor={ratios[name]:.2f}")
+        if with_strength is not None:
+            cost = strength_cost(RAW_TIMES["strength"], reps - 1, strength_every)
+            print(f"lm_strength_guided_over_floor={cost / med['floor']:.2f} (re-measured every {strength_every} steps)")
+            print(f"lm_strength_over_fixed={cost / med['guided']:.3f}")
 
     cls_batch = padded_batch(16 if not tiny else 4, 16 if not tiny else 4, 128 if not tiny else 12, 28996, seed=1)
     b_width = 32 if tiny else 256
@@ -171,4 +198,7 @@ def main(
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=7)
-    main(parser.parse_args().reps)
+    parser.add_argument("--strength", type=float, help="also time strength= on GPT-2 <- GPT-2 (amortised)")
+    parser.add_argument("--strength-every", type=int, default=25, help="the re-measurement interval amortised over")
+    args = parser.parse_args()
+    main(args.reps, strength=args.strength, strength_every=args.strength_every)

@@ -14,6 +14,10 @@ length 128, with flatten and token-wise CKA (lstm_<mode>_... ratios). Then the F
 reference_over_guided=<x> and, last, guided_over_floor=<x>.
 `--max-features K [K ...]` adds guided steps with the max_features approximation to the same interleaved
 loop and prints each one's guided_over_floor and largest per-pair CKA change against exact.
+`--strength R` adds a guided step with ``strength=R`` (the weight set from the gradients) to the FCN case:
+its last timed repetition re-measures the pull (two extra backward passes), and the cost at
+`--strength-every K` (default 25, the library's) is that measurement spread over K steps:
+strength_guided_over_floor and strength_over_fixed (against the fixed weight's guided step).
 """
 
 from __future__ import annotations
@@ -86,7 +90,7 @@ def make_steps(
 
     def guided_step(model: GuidedModel) -> Callable[[], None]:
         def step() -> None:
-            loss = loss_fn(model(x)) + model.alignment_loss
+            loss = model.total_loss(loss_fn(model(x)))  # with strength=, the weight is set here
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -144,7 +148,20 @@ def time_case(
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
+    RAW_TIMES.clear()
+    RAW_TIMES.update(times)
     return {k: statistics.median(v) for k, v in times.items()}, n_pairs
+
+
+RAW_TIMES: dict[str, list[float]] = {}  # the last time_case's every repetition, by step variant
+
+
+def strength_cost(times: list[float], measured_rep: int, every: int) -> float:
+    """A strength step's mean time when the pull is re-measured every ``every`` steps, from timed
+    repetitions of which the ``measured_rep``-th (0-based) measured it: the other repetitions' median
+    plus the measurement's extra time spread over ``every`` steps."""
+    normal = statistics.median(t for i, t in enumerate(times) if i != measured_rep)
+    return normal + (times[measured_rep] - normal) / every
 
 
 def _report(title: str, med: dict[str, float]) -> None:
@@ -160,6 +177,8 @@ def main(
     sequence: bool = True,
     seq_shape: tuple[int, int] = (64, 128),
     max_features: tuple[int, ...] = (),
+    strength: float | None = None,
+    strength_every: int = 25,
 ) -> dict[str, float]:
     print("matching: " + ", ".join(f"{k}={v}" for k, v in MATCHING.items()))
     if sequence:
@@ -179,10 +198,18 @@ def main(
     target, guide = deep_fcn(depth), torchvision.models.resnet18(weights=None, num_classes=10)
     x = torch.randn(batch, 3, 32, 32)
     alternatives = {f"max_features={k}": {"max_features": k} for k in max_features}
+    if strength:  # re-measured on the last timed repetition (strength_every=reps), amortised below
+        alternatives["strength"] = {"strength": strength, "strength_every": reps}
     med, n_pairs = time_case(
         target, guide, x, lambda out: nn.functional.cross_entropy(out, y), reps, alternatives=alternatives
     )
     _report(f"deep FCN ({depth} x Linear 1024 + BN) <- untrained ResNet-18, batch {batch}, {n_pairs} pairs", med)
+    if strength:
+        cost = strength_cost(RAW_TIMES["strength"], reps - 1, strength_every)
+        print(f"strength={strength}: one re-measurement {RAW_TIMES['strength'][-1] * 1e3:.1f} ms, other steps "
+              f"{statistics.median(RAW_TIMES['strength'][:-1]) * 1e3:.1f} ms")  # fmt: skip
+        print(f"strength_guided_over_floor={cost / med['floor']:.2f} (re-measured every {strength_every} steps)")
+        print(f"strength_over_fixed={cost / med['guided']:.3f}")
     if max_features:  # the approximation's error on this batch, beside its cost
         # BatchNorm in train mode normalises by the batch's statistics: both runs see the same features.
         exact = GuidedModel(target, guide, **MATCHING)
@@ -209,5 +236,14 @@ if __name__ == "__main__":
         default=[],
         help="also time the max_features approximation at these limits, side by side (default: exact only)",
     )
+    parser.add_argument("--strength", type=float, help="also time strength= (its re-measurement amortised)")
+    parser.add_argument("--strength-every", type=int, default=25, help="the re-measurement interval amortised over")
     args = parser.parse_args()
-    main(args.batch, args.reps, sequence=not args.no_sequence, max_features=tuple(args.max_features))
+    main(
+        args.batch,
+        args.reps,
+        sequence=not args.no_sequence,
+        max_features=tuple(args.max_features),
+        strength=args.strength,
+        strength_every=args.strength_every,
+    )

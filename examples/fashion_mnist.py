@@ -98,6 +98,7 @@ def train(
     mode: str = "none",
     weight: float = 1.0,
     reduction: str = "sum",
+    strength: float | None = None,
 ) -> dict:
     """Adam 1e-3 on cross-entropy (+ guidance or distillation) through the package's training loop
     (:func:`guidewrap.tasks.fit`, no clipping); the curves and the final predictions."""
@@ -113,6 +114,8 @@ def train(
     draw = random_batches(data["x"], data["y"], batch, seed)
     # Pinned (the level and sum measured in docs/results.md), whatever the library's defaults.
     guidance = {"weight": weight, "layers": "sublayers", "reduction": reduction} if mode == "guided" else {}
+    if strength is not None and mode == "guided":
+        guidance |= {"weight": 1.0, "strength": strength}
     fit(target, draw, nn.functional.cross_entropy, steps, guide, mode, clip=None, callback=record, **guidance)
     test_acc, test_loss, pred = evaluate(target, data["x_test"], data["y_test"])
     last = curve[-1]
@@ -160,7 +163,8 @@ def run_one(variant: str, seed: int, data: dict[str, Tensor], trained: nn.Module
         ).pre_align(data["x"][: cfg.batch], steps=cfg.init_steps)
     mode = "guided" if "guided" in variant else "distill" if "distill" in variant else "none"
     steps = cfg.conv_steps if conv else cfg.steps
-    return train(target, data, seed, steps, cfg.batch, cfg.eval_every, guide, mode, cfg.weight, cfg.reduction)
+    strength = getattr(cfg, "strength", None)
+    return train(target, data, seed, steps, cfg.batch, cfg.eval_every, guide, mode, cfg.weight, cfg.reduction, strength)
 
 
 def smoke_data(folder: Path) -> Path:

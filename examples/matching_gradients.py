@@ -11,9 +11,12 @@ clipping at 1, shrinks the task's share of the step by about that factor).
   random tokens and labels (batch 16, length 32);
 - ``fcn<-resnet18``: an 8-layer MLP on 3 x 32 x 32 images guided by ResNet-18, random images
   (batch 32);
-- ``lstm<-gpt2``: a 4-layer LSTM LM (hidden 128) guided by the 4-block GPT-2, the docs text.
+- ``lstm<-gpt2``: a 4-layer LSTM LM (hidden 128) guided by the 4-block GPT-2, the docs text;
+- ``conv<-resnet18 (fashion)`` / ``fcn<-resnet18 (fashion)``: the image study's plain 20-layer ConvNet
+  (no normalisation) and 16-layer FCN (BatchNorm) guided by the untrained one-channel ResNet-18, on 128
+  real Fashion-MNIST training images (``make data``).
 
-Run: python examples/matching_gradients.py [--seeds 0 1 2]
+Run: python examples/matching_gradients.py [--seeds 0 1 2] [--cases ...]
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def _cases(seed: int) -> dict[str, tuple[Callable[[], nn.Module], Callable[[], n
             blocks += [nn.Sequential(nn.Linear(256, 256), nn.BatchNorm1d(256), nn.ReLU())]
         return nn.Sequential(*blocks, nn.Linear(256, 10))
 
-    return {
+    cases = {
         "gpt2<-gpt2": (lambda: tiny_gpt2(v, 4, 128, 4, 64), lambda: tiny_gpt2(v, 4, 64, 4, 64), ids, _lm_loss),
         "bert<-bert": (
             lambda: bert(128, True),
@@ -77,6 +80,26 @@ def _cases(seed: int) -> dict[str, tuple[Callable[[], nn.Module], Callable[[], n
             lambda out, _: nn.functional.cross_entropy(out, classes),
         ),
         "lstm<-gpt2": (lambda: LSTMLanguageModel(v, 128, 4), lambda: tiny_gpt2(v, 4, 128, 4, 64), ids, _lm_loss),
+    }
+    return cases | _fashion_cases(seed)
+
+
+def _fashion_cases(seed: int) -> dict[str, tuple[Callable[[], nn.Module], Callable[[], nn.Module], Any, Callable]]:
+    """The image study's nets on a batch of 128 real Fashion-MNIST images (examples/fashion_mnist.py):
+    its plain 20-layer ConvNet (no normalisation) and its 16-layer FCN with BatchNorm, guided by the
+    untrained one-channel ResNet-18."""
+    import fashion_mnist
+
+    data = fashion_mnist.load_fashion_mnist(None, train_samples=5000)
+    rows = torch.randperm(len(data["x"]), generator=torch.Generator().manual_seed(seed))[:128]
+    x, y = data["x"][rows], data["y"][rows]
+
+    def loss(out: Tensor, _: Any) -> Tensor:
+        return nn.functional.cross_entropy(out, y)
+
+    return {
+        "conv<-resnet18 (fashion)": (fashion_mnist.plain_convnet, fashion_mnist.resnet18_gray, x, loss),
+        "fcn<-resnet18 (fashion)": (fashion_mnist.deep_fcn, fashion_mnist.resnet18_gray, x, loss),
     }
 
 
@@ -101,11 +124,21 @@ def ratio(case: str, setting: str, seed: int) -> tuple[float, int]:
     return value, pairs
 
 
-def main(seeds: list[int]) -> None:
+CASES = (
+    "gpt2<-gpt2",
+    "bert<-bert",
+    "fcn<-resnet18",
+    "lstm<-gpt2",
+    "conv<-resnet18 (fashion)",
+    "fcn<-resnet18 (fashion)",
+)
+
+
+def main(seeds: list[int], cases: tuple[str, ...] = CASES) -> None:
     print(f"alignment-gradient norm / task-gradient norm at initialisation, seeds {seeds} (mean, per seed)")
     print("| pair | " + " | ".join(SETTINGS) + " |")
     print("|---|" + "---|" * len(SETTINGS))
-    for case in ("gpt2<-gpt2", "bert<-bert", "fcn<-resnet18", "lstm<-gpt2"):
+    for case in cases:
         cells = []
         for setting in SETTINGS:
             try:
@@ -122,4 +155,6 @@ def main(seeds: list[int]) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    main(parser.parse_args().seeds)
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    args = parser.parse_args()
+    main(args.seeds, tuple(args.cases))

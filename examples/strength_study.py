@@ -4,7 +4,9 @@ Each task is trained alone and with each guidance setting, every setting of a se
 initial weights on the same batches:
 
 - ``default``: the library's default weighting, weight 1 on the mean over pairs;
-- ``paper``: weight 1 on the sum over pairs (the paper's loss).
+- ``paper``: weight 1 on the sum over pairs (the paper's loss);
+- ``strength=R``: the weight set from the gradients so that the term's pull is R times the task's
+  (on the mean over pairs; docs/concepts/strength.md).
 
 Tasks (the guide untrained unless the name says ``trained``): ``demo`` (the demo's MLP <- 1-D CNN on
 MNIST-1D over the demo's six pairs, scored like the demo), ``copy`` / ``copy-trained`` (4-layer tanh
@@ -90,7 +92,8 @@ def _demo(setting: dict | None, seed: int, out: Path) -> dict:
     if setting is None:
         r = train_variant("baseline", data, seed=seed)
     else:
-        r = train_variant("guided", data, seed=seed, weight=setting["weight"], reduction=setting["reduction"])
+        keys = {"weight": setting.get("weight", 1.0), "reduction": setting["reduction"]}
+        r = train_variant("guided", data, seed=seed, strength=setting.get("strength"), **keys)
     final = r.curve[-1]
     return {"score": final[3], "selected": r.test_acc, "selected_step": r.best_step,
             "curve": [(s, tr) for s, tr, _, _ in r.curve], "curve_kind": "train_acc"}  # fmt: skip
@@ -163,8 +166,9 @@ def _fashion(task: str, setting: dict | None, seed: int, out: Path) -> dict:
         variant = "init_noise"
     else:
         variant = ("conv_guided" if conv else "guided") + ("_trained" if task.endswith("trained") else "_untrained")
-    cfg.weight = (setting or SETTINGS["paper"])["weight"]
+    cfg.weight = (setting or SETTINGS["paper"]).get("weight", 1.0)
     cfg.reduction = (setting or SETTINGS["paper"])["reduction"]
+    cfg.strength = (setting or {}).get("strength")
     r = fashion_mnist.run_one(variant, seed, data, trained, cfg)
     return {"score": r["test_acc"], "curve": [(c["step"], c["train_acc"]) for c in r["curve"]],
             "curve_kind": "train_acc"}  # fmt: skip
@@ -217,9 +221,19 @@ def _minilm(setting: dict | None, seed: int, out: Path) -> dict:
     return {"score": score, "curve": _windows(losses), "curve_kind": "train_loss"}
 
 
+def setting_of(name: str) -> dict[str, Any] | None:
+    """A setting's guidance keywords: ``alone`` (None), a fixed one of SETTINGS, or ``strength=R``
+    (the weight set from the gradients, on the mean over pairs)."""
+    if name == "alone":
+        return None
+    if name.startswith("strength="):
+        return {"strength": float(name.removeprefix("strength=")), "reduction": "mean"}
+    return SETTINGS[name]
+
+
 def run_one(task: str, setting_name: str, seed: int, out: Path) -> dict:
     """Train one (task, setting, seed); its record (score, curve, seconds, machine)."""
-    setting = None if setting_name == "alone" else SETTINGS[setting_name]
+    setting = setting_of(setting_name)
     start = time.perf_counter()
     if task == "demo":
         row = _demo(setting, seed, out)
@@ -314,7 +328,9 @@ def main(tasks: list[str], settings: list[str], seeds: list[int] | None, out: Pa
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    parser.add_argument("--settings", nargs="+", default=["alone", *SETTINGS], choices=["alone", *SETTINGS])
+    parser.add_argument(
+        "--settings", nargs="+", default=["alone", *SETTINGS], help="alone, default, paper, strength=R (e.g. 0.3)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", help="default: 0-2 (the demo: 0-4)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("runs/strength"))

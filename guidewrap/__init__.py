@@ -25,8 +25,9 @@ from . import errors as _errors
 from .analysis import similarity_matrix
 from .config import GuidanceConfig
 from .context import Guidance
+from .discovery import list_layers
 from .errors import GuidewrapError, GuidewrapWarning
-from .layers import LayerPlan, list_layers
+from .matching import LayerPlan
 from .metrics import linear_cka, register_metric
 from .model import GuidedModel
 from .utils import unwrap_model

@@ -28,10 +28,10 @@ from torch import Tensor, nn
 from .capture import extract, features, lengths_to_mask, unfold_calls
 from .errors import BatchSizeMismatchError, MetricError
 from .inputs import Routed, call_guide
-from .layers import LayerPlan
+from .matching import LayerPlan
 from .metrics import Metric
 
-__all__ = ["FeatureSubsets", "SinkSlot", "Term", "alignment_term", "reduce_guide", "stack_calls"]
+__all__ = ["FeatureShaper", "FeatureSubsets", "SinkSlot", "Term", "alignment_term", "reduce_guide", "stack_calls"]
 
 # shape(x, w, side, layer): one process's features as the metric will see them (the feature subset);
 # returns the features and sample weights.
@@ -65,6 +65,20 @@ class FeatureSubsets:
             index = torch.randperm(x.shape[-1], generator=gen)[: self.limit].sort().values.to(x.device)
             self._index[key] = index
         return x.index_select(-1, index)
+
+
+class FeatureShaper:
+    """One process's features as the metric will see them: the feature subset, and a float64 guide
+    beside a float32 target compared in the target's precision (``target_dtype``, read each step)."""
+
+    def __init__(self, subsets: FeatureSubsets) -> None:
+        self.subsets = subsets
+        self.target_dtype: torch.dtype | None = None
+
+    def __call__(self, x: Tensor, w: Tensor | None, side: str, name: str) -> tuple[Tensor, Tensor | None]:
+        if side == "guide" and x.dtype == torch.float64 and self.target_dtype != torch.float64:
+            x = x.float()
+        return self.subsets(x, (side, name)), w
 
 
 class SinkSlot:

@@ -21,10 +21,11 @@ import torch
 from torch import Tensor, nn
 
 from .capture import extract, features
+from .discovery import DEFAULT_LAYER_TYPES, _is_candidate
 from .errors import ConfigError, PlanError
 from .inputs import first_tensor, normalize_call
-from .layers import DEFAULT_LAYER_TYPES, _is_candidate, _no_side_effects, describe
 from .metrics import get_metric
+from .probing import _no_side_effects, describe
 from .utils import unwrap_model
 
 __all__ = ["SimilarityMatrix", "similarity_matrix", "error_consistency"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +22,8 @@ from typing import Any
 from torch import nn
 
 from .capture import SEQUENCE_MODES
+from .discovery import level_of
 from .errors import ConfigError
-from .layers import level_of
 from .metrics import Metric, get_metric
 from .schedules import GuidanceSchedule
 
@@ -50,6 +51,14 @@ class GuidanceConfig:
         metric: a name from :func:`~guidewrap.metrics.available_metrics`, a
             :class:`~guidewrap.metrics.Metric` or a callable ``(x, y) -> distance``.
         weight: multiplier of the reduced per-pair distances.
+        strength: instead of a fixed ``weight``, the alignment term's pull in the terms users think
+            in: the term's gradient is held at ``strength`` times the task loss's (norms over the
+            target's trainable parameters), re-measured every ``strength_every`` guided steps. Needs
+            the task loss: ``guided.total_loss(task_loss)``, a model output's ``loss``, or a
+            ``Trainer``. ``None`` (default): the fixed ``weight``, whose pull is measured once and
+            warned about when over 10 or under 0.01.
+        strength_every: guided steps between measurements of the pull (each costs two backward
+            passes through the target).
         reduction: how per-pair distances combine: ``"mean"`` (weight times their mean, so the
             term's scale does not grow with the number of pairs) or ``"sum"`` (the paper's).
             ``None`` (default): ``"sum"`` with ``layers="paper"``, else ``"mean"``.
@@ -86,6 +95,8 @@ class GuidanceConfig:
     layers: LayerSpec = "auto"
     metric: str | Metric | Callable[..., Any] = "cka"
     weight: float = 1.0
+    strength: float | None = None
+    strength_every: int = 25
     reduction: str | None = None
     start_step: int = 0
     until_step: int | None = None
@@ -129,6 +140,18 @@ class GuidanceConfig:
                     "layer_types must be a non-empty list of nn.Module classes or class names, "
                     f"got {bad or self.layer_types!r}"
                 )
+        if self.strength is not None:
+            if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)):
+                raise ConfigError(f"strength must be a number > 0 or None, got {self.strength!r}")
+            if not (math.isfinite(self.strength) and self.strength > 0):
+                raise ConfigError(f"strength must be a finite number > 0 (e.g. 0.3), got {self.strength!r}")
+            if self.weight != 1.0:
+                raise ConfigError(
+                    f"strength={self.strength} sets the weight from the gradients; weight={self.weight} would fix it "
+                    "too: give one of them"
+                )
+        if not isinstance(self.strength_every, int) or isinstance(self.strength_every, bool) or self.strength_every < 1:
+            raise ConfigError(f"strength_every must be an integer >= 1, got {self.strength_every!r}")
         if self.max_features is not None and (not isinstance(self.max_features, int) or self.max_features < 1):
             raise ConfigError(f"max_features must be None or an integer >= 1, got {self.max_features!r}")
         for key in ("input_batch_dim", "guide_input_batch_dim"):

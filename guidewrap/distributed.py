@@ -23,7 +23,8 @@ Examples:
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+import functools
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -47,6 +48,14 @@ def world_size(mode: str) -> int:
     if mode != "global" or not dist.is_available() or not dist.is_initialized():
         return 1
     return dist.get_world_size()
+
+
+def gatherer(mode: str, left_padded: bool | None) -> Callable[..., Any] | None:
+    """The bucketed gather of a side's layers under global-batch CKA with several processes (None in
+    one process, where each guide layer is reduced in its hook)."""
+    if world_size(mode) == 1:
+        return None
+    return functools.partial(gather_layers, mode=mode, left_padded=bool(left_padded))
 
 
 def gather_layers(

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -31,8 +31,20 @@ from torch.utils.hooks import RemovableHandle
 
 from .errors import GuidewrapWarning
 
-if TYPE_CHECKING:
-    from .engine import GuidanceEngine
+
+class GuidanceEngine(Protocol):
+    """What the root hooks need of an engine (:class:`guidewrap.engine.GuidanceEngine`): the hooks
+    depend on this shape, not on the engine's module, so the two do not import each other."""
+
+    target: nn.Module
+    busy: bool
+
+    def begin(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool: ...
+
+    def end(self, output: Any, kwargs: Mapping[str, Any]) -> Any: ...
+
+    def abort(self) -> None: ...
+
 
 __all__ = ["HookSet", "attach_root", "guided_call", "watch_double_count"]
 

@@ -19,7 +19,9 @@ import torch
 from torch import Tensor
 
 from .engine import GuidanceEngine
-from .layers import LayerPlan
+from .errors import ConfigError
+from .forwards import pre_align
+from .matching import LayerPlan
 
 __all__ = ["GuidanceInterface"]
 
@@ -42,6 +44,33 @@ class GuidanceInterface:
     def alignment_loss(self) -> Tensor:
         """Weighted alignment term of the last forward (a 0-dim tensor; 0 when not guided)."""
         return self._usable_engine().alignment_loss
+
+    def total_loss(self, task_loss: Tensor) -> Tensor:
+        """``task_loss`` plus the last forward's weighted alignment term (``task_loss`` itself when it
+        was not guided). With ``strength=`` this is where the weight is set: every ``strength_every``
+        guided steps it is re-measured from the two gradients so that the term's pull is ``strength``
+        times the task's. With a fixed ``weight`` the first call measures the pull once and warns when it
+        is over 10 or under 0.01 (the term swamps the task or barely registers).
+
+        Examples:
+            >>> import torch
+            >>> from guidewrap import GuidedModel
+            >>> t = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+            >>> g = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+            >>> guided = GuidedModel(t, g, strength=0.3)
+            >>> out = guided(torch.randn(32, 4))
+            >>> loss = guided.total_loss(out.square().mean())
+            >>> round(guided.guidance_metrics()["guidance_pull"], 6)
+            0.3
+        """
+        engine = self._usable_engine()
+        if engine.term_in_output:
+            raise ConfigError(
+                "this forward's output loss already holds the alignment term (outputs.loss of a model given "
+                "labels): use outputs.loss as it is, not total_loss(outputs.loss)"
+            )
+        term = engine.term_for(task_loss)
+        return task_loss if term is None else task_loss + term.to(task_loss.device, task_loss.dtype)
 
     @property
     def last_alignment(self) -> dict[str, float]:
@@ -94,4 +123,4 @@ class GuidanceInterface:
             >>> history[-1] < history[0]
             True
         """
-        return self._usable_engine().pre_align(example_args, example_kwargs, steps, lr, optimizer)
+        return pre_align(self._usable_engine(), example_args, example_kwargs, steps, lr, optimizer)

@@ -212,6 +212,55 @@ def _alignability(task: Task, target: nn.Module, guide: nn.Module, seed: int, st
     return {"align_start": curve[0], "align_final": curve[-1], "align_auc": statistics.fmean(curve)}
 
 
+def _cell_seed(
+    task: Task,
+    target: tuple[str, Factory],
+    guide_spec: tuple[str, Factory],
+    seed: int,
+    baseline: tuple[RunResult, Tensor],
+    pairs: int | None,
+    settings: dict[str, Any],
+    bar: Callable[[int], Any],
+) -> dict[str, Any]:
+    """One seed of one cell: the target guided for the whole run and for the warm-up, its
+    alignability, and the error consistency of alone and guided with the guide."""
+    (t_name, t_factory), (g_name, g_factory) = target, guide_spec
+    steps, eval_every = settings["steps"], settings["eval_every"]
+    alone, alone_pred = baseline
+    guide = _build(g_factory, g_name, 10_000 + seed).eval()
+    with torch.no_grad():
+        guide_pred = guide(task.x_test).argmax(1)
+    n_pairs = pairs or len(GuidedModel(_build(t_factory, t_name, seed), guide, **MATCHING).plan(task.x[: task.batch]))
+    runs = {}
+    for label, window in (("full", None), ("warmup", settings["warmup"])):
+        runs[label] = _train(task, _build(t_factory, t_name, seed), guide, seed, steps, eval_every,
+                             weight=settings["weight"] / n_pairs, until_step=window, **MATCHING)  # fmt: skip
+        bar(1)
+    align = _alignability(task, _build(t_factory, t_name, seed), guide, seed, settings["align_steps"])
+    bar(1)
+    return {
+        "seed": seed, "pairs": n_pairs, **align,
+        "acc_alone": alone.test_acc, "acc_full": runs["full"][0].test_acc,
+        "acc_warmup": runs["warmup"][0].test_acc,
+        "gain_full": runs["full"][0].test_acc - alone.test_acc,
+        "gain_warmup": runs["warmup"][0].test_acc - alone.test_acc,
+        "ec_alone": _kappa(alone_pred, guide_pred, task.y_test),
+        "ec_full": _kappa(runs["full"][1], guide_pred, task.y_test),
+    }  # fmt: skip
+
+
+def _checked(targets: Sequence[Any], guides: Sequence[Any], task: Task | str, steps: int, seeds: Sequence[int]) -> Task:
+    """The task of a guidability run, after its arguments are checked."""
+    if not targets or not guides:
+        raise ConfigError("guidability needs at least one target and one guide factory")
+    if not isinstance(steps, int) or steps < 1 or not seeds:
+        raise ConfigError(f"steps must be a positive integer and seeds non-empty, got {steps!r} and {seeds!r}")
+    task = Task.mnist1d() if task == "mnist1d" else task
+    if not isinstance(task, Task):
+        raise ConfigError(f"task must be a guidewrap.lens.Task or 'mnist1d', got {task!r}")
+    return task
+
+
 def guidability(
     targets: Sequence[str | Factory],
     guides: Sequence[str | Factory],
@@ -234,13 +283,7 @@ def guidability(
     settings, runtime (``seconds``: this call, in which ``resumed_cells`` cells were read from ``out``
     rather than measured) and per cell its per-seed values plus mean and std of each measure.
     """
-    if not targets or not guides:
-        raise ConfigError("guidability needs at least one target and one guide factory")
-    if not isinstance(steps, int) or steps < 1 or not seeds:
-        raise ConfigError(f"steps must be a positive integer and seeds non-empty, got {steps!r} and {seeds!r}")
-    task = Task.mnist1d() if task == "mnist1d" else task
-    if not isinstance(task, Task):
-        raise ConfigError(f"task must be a guidewrap.lens.Task or 'mnist1d', got {task!r}")
+    task = _checked(targets, guides, task, steps, seeds)
     warmup = max(1, steps // 5) if warmup is None else warmup
     t_specs = [(_name(s, i), load_factory(s)) for i, s in enumerate(targets)]
     g_specs = [(_name(s, i), load_factory(s)) for i, s in enumerate(guides)]
@@ -259,36 +302,18 @@ def guidability(
                 resumed += 1
                 bar(3 * len(seeds))
                 continue
-            per_seed = []
-            n_pairs = 0  # the plan depends on the two architectures only: counted on the first seed
+            per_seed: list[dict[str, Any]] = []
             for seed in seeds:
                 if (t_name, seed) not in baselines:
                     baselines[(t_name, seed)] = _train(task, _build(t_factory, t_name, seed), None, seed, steps,
                                                        eval_every)  # fmt: skip
                     bar(1)
-                alone, alone_pred = baselines[(t_name, seed)]
-                guide = _build(g_factory, g_name, 10_000 + seed).eval()
-                with torch.no_grad():
-                    guide_pred = guide(task.x_test).argmax(1)
-                n_pairs = n_pairs or len(
-                    GuidedModel(_build(t_factory, t_name, seed), guide, **MATCHING).plan(task.x[: task.batch])
-                )
-                runs = {}
-                for label, window in (("full", None), ("warmup", warmup)):
-                    runs[label] = _train(task, _build(t_factory, t_name, seed), guide, seed, steps, eval_every,
-                                         weight=weight / n_pairs, until_step=window, **MATCHING)  # fmt: skip
-                    bar(1)
-                align = _alignability(task, _build(t_factory, t_name, seed), guide, seed, align_steps)
-                bar(1)
-                per_seed.append({
-                    "seed": seed, "pairs": n_pairs, **align,
-                    "acc_alone": alone.test_acc, "acc_full": runs["full"][0].test_acc,
-                    "acc_warmup": runs["warmup"][0].test_acc,
-                    "gain_full": runs["full"][0].test_acc - alone.test_acc,
-                    "gain_warmup": runs["warmup"][0].test_acc - alone.test_acc,
-                    "ec_alone": _kappa(alone_pred, guide_pred, task.y_test),
-                    "ec_full": _kappa(runs["full"][1], guide_pred, task.y_test),
-                })  # fmt: skip
+                settings = {"steps": steps, "eval_every": eval_every, "warmup": warmup, "weight": weight,
+                            "align_steps": align_steps}  # fmt: skip
+                # The plan depends on the two architectures only: its pairs are counted on the first seed.
+                pairs = per_seed[0]["pairs"] if per_seed else None
+                per_seed.append(_cell_seed(task, (t_name, t_factory), (g_name, g_factory), seed,
+                                           baselines[(t_name, seed)], pairs, settings, bar))  # fmt: skip
             cell = {"target": t_name, "guide": g_name, "seeds": per_seed, "summary": _summary(per_seed)}
             if saved is not None:
                 saved.write_text(json.dumps(cell, indent=1))

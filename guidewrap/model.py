@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from .config import GuidanceConfig
 from .engine import GuidanceEngine
 from .errors import ConfigError
+from .forwards import evaluate
 from .hooks import guided_call
 from .interface import GuidanceInterface
 
@@ -48,7 +49,8 @@ class GuidedModel(GuidanceInterface, nn.Module):
 
     ``state_dict()`` holds the target's weights (under ``target.``) plus ``guidance_step``, the
     optimizer-step counter, so a checkpoint resumes the window where it stopped, and, once the plan
-    is resolved, ``guidance_plan`` (its pairs and settings as JSON bytes): loading it into a run
+    is resolved, ``guidance_plan`` (its pairs and settings as JSON bytes) and, once measured,
+    ``guidance_strength`` (the strength controller's state, JSON bytes): loading it into a run
     whose plan differs warns, naming what changed.
     :meth:`save_pretrained` writes the target alone, in its own format.
 
@@ -95,7 +97,7 @@ class GuidedModel(GuidanceInterface, nn.Module):
         # A weak reference: the target's hooks hold the engine, and the engine must not keep the
         # wrapper alive (dropping the wrapper removes its hooks, see close()).
         store = weakref.WeakMethod(self._store_step)
-        self._engine.on_step = lambda step: (method := store()) is not None and method(step)
+        self._engine.steps.on_step = lambda step: (method := store()) is not None and method(step)
         target = self._modules["target"]
         forward_impl = self._guided_forward
 
@@ -143,14 +145,21 @@ class GuidedModel(GuidanceInterface, nn.Module):
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self._engine.has_plan:  # the plan's record, as bytes: safetensors and weights_only loads take it
+        # The plan's record and the strength controller's state as bytes: safetensors and weights_only take them.
+        if self._engine.planner.plan is not None:
             record = json.dumps(self._engine.plan_record(), sort_keys=True).encode()
             destination[prefix + "guidance_plan"] = torch.frombuffer(bytearray(record), dtype=torch.uint8)
+        if self._engine.strength.measured:
+            record = json.dumps(self._engine.strength.state_dict()).encode()
+            destination[prefix + "guidance_strength"] = torch.frombuffer(bytearray(record), dtype=torch.uint8)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        record = state_dict.pop(prefix + "guidance_plan", None)  # torch passes a copy: popping is safe
+        strength = state_dict.pop(prefix + "guidance_strength", None)  # torch passes a copy: popping is safe
+        if strength is not None:
+            self._engine.strength.load_state_dict(json.loads(bytes(strength.to("cpu", torch.uint8).tolist()).decode()))
+        record = state_dict.pop(prefix + "guidance_plan", None)
         if record is not None:
-            self._engine.expect_plan(json.loads(bytes(record.to("cpu", torch.uint8).tolist()).decode()))
+            self._engine.planner.expect(json.loads(bytes(record.to("cpu", torch.uint8).tolist()).decode()))
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     # ------------------------------------------------------------------ guidance API
@@ -208,7 +217,7 @@ class GuidedModel(GuidanceInterface, nn.Module):
 
     def evaluate_alignment(self, *args: Any, **kwargs: Any) -> float:
         """Unweighted sum of pair distances on these inputs, without gradients."""
-        return self._engine.evaluate(args, kwargs)
+        return evaluate(self._engine, args, kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
         """Save the target alone, in its own format (for the final model; for resuming use

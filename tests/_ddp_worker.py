@@ -187,6 +187,27 @@ CUDA = os.environ.get("GUIDEWRAP_TEST_CUDA") == "1"  # tests/test_gpu.py: NCCL, 
 DEVICE = "cuda" if CUDA else "cpu"
 
 
+def strength(out: str) -> None:
+    """strength=0.3 under DDP: each process measures its half, the squared norms are averaged, so both
+    processes weight the term alike; three steps, re-measured on every one."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    target, guide = models()
+    guided = GuidedModel(target, guide, strength=0.3, strength_every=1)
+    model = DistributedDataParallel(guided)
+    opt = torch.optim.SGD(target.parameters(), lr=0.1)
+    x, y = batch()
+    part = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+    scales = []
+    for step in range(3):
+        rows = torch.roll(torch.arange(len(x)), step * 5)[part]  # another half each step
+        loss = guided.total_loss(nn.functional.cross_entropy(model(x[rows]), y[rows]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        scales.append(guided.engine.strength.scale)
+    torch.save({"scales": scales, "pull": guided.engine.strength.pull}, f"{out}/rank{rank}.pt")
+
+
 def main(out: str, mode: str) -> None:
     if CUDA:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -197,8 +218,8 @@ def main(out: str, mode: str) -> None:
         dist.barrier()
         dist.destroy_process_group()
         return
-    if mode == "missing":
-        missing(out)
+    if mode in ("missing", "strength"):
+        {"missing": missing, "strength": strength}[mode](out)
         dist.barrier()
         dist.destroy_process_group()
         return

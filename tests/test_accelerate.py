@@ -87,6 +87,33 @@ def test_save_state_load_state_restores_the_step_counter(tmp_path: Path) -> None
         assert torch.equal(a, b)
 
 
+def test_strength_under_accumulation_logs_the_pull_and_survives_save_state(tmp_path: Path) -> None:
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    torch.manual_seed(0)
+    target, guide = mlp(), mlp(width=12)
+    optimizer = torch.optim.SGD(target.parameters(), lr=0.1)
+    guided = GuidedModel(target, guide, strength=0.3, strength_every=3, optimizer=optimizer)
+    model, optimizer = accelerator.prepare(guided, optimizer)
+    for _ in range(4):  # 4 micro-batches, 2 optimizer steps; measured on micro-batches 0 and 3
+        with accelerator.accumulate(model):
+            loss = guided.total_loss(model(torch.randn(16, 8)).square().mean())
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+    assert guided.step_count == 2
+    logged = guided.guidance_metrics()  # what the documented accelerator.log line carries
+    assert logged["guidance_pull"] == pytest.approx(0.3) and logged["guidance_weight"] == guided.engine.strength.scale
+    accelerator.save_state(str(tmp_path))
+    fresh_accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    target2 = mlp()
+    optimizer2 = torch.optim.SGD(target2.parameters(), lr=0.1)
+    guided2 = GuidedModel(target2, mlp(width=12), strength=0.3, strength_every=3, optimizer=optimizer2)
+    fresh_accelerator.prepare(guided2, optimizer2)
+    fresh_accelerator.load_state(str(tmp_path))
+    assert guided2.engine.strength.state_dict() == guided.engine.strength.state_dict()
+    assert guided2.step_count == 2
+
+
 def test_bf16_autocast_keeps_values_finite() -> None:
     accelerator = Accelerator(cpu=True, mixed_precision="bf16")
     target, guide = mlp(width=64, depth=4), mlp(width=48, depth=4)

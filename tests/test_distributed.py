@@ -158,3 +158,11 @@ def test_left_padding_with_per_process_lengths_is_refused_naming_the_fix(tmp_pat
     ranks = _launch(tmp_path, "dynamic-left")
     for result in ranks:
         assert result["error"] is not None and "Pad on the right" in result["error"], result
+
+
+def test_strength_gives_every_process_the_same_weight(tmp_path: Path) -> None:
+    """strength= under DDP: the measured squared norms are averaged over processes, so each step's
+    weight is the same on both (a different weight per process would train a different loss on each)."""
+    ranks = _launch(tmp_path, "strength")
+    assert ranks[0]["scales"] == ranks[1]["scales"] and len(set(ranks[0]["scales"])) == 3
+    assert ranks[0]["pull"] == pytest.approx(0.3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -90,3 +91,31 @@ def test_matching_study_runs_resumes_and_reports(tmp_path, capsys: pytest.Captur
     assert again == rows  # resumed from the saved runs, nothing retrained
     table = study.report(tmp_path)
     assert "| copy | blocks/mean | 4 |" in table and "not applicable: no layer of the paper's types" in table
+
+
+def test_strength_study_settings_report_and_collapse_rule(tmp_path: Path) -> None:
+    study = _load("strength_study")
+    assert study.setting_of("alone") is None and study.setting_of("paper") == {"reduction": "sum", "weight": 1.0}
+    assert study.setting_of("strength=0.3") == {"strength": 0.3, "reduction": "mean"}
+    falls = {"curve": [(50, 0.5), (100, 1.0), (150, 0.9), (200, 0.75)], "curve_kind": "train_acc"}
+    assert study.collapse(falls) == "train acc 0.75 at step 200 (best so far 1.00)"
+    assert study.collapse({"curve": [(50, 0.5), (100, 1.0), (150, 0.85)], "curve_kind": "train_acc"}) is None
+    assert study.collapse({"curve": [(10, 3.0), (20, 1.0), (30, 1.25)], "curve_kind": "train_loss"}) == (
+        "train loss 1.250 at step 30 (running min 1.000)"
+    )
+    rows = [("alone", 0, 0.50), ("alone", 1, 0.40), ("default", 0, 0.60), ("default", 1, 0.45)]
+    for setting, seed, score in rows:
+        record = {"task": "copy", "setting": setting, "seed": seed, "score": score} | falls
+        (tmp_path / f"copy__{setting}__{seed}.json").write_text(json.dumps(record))
+    table = study.report(tmp_path, ["default"])
+    assert "| copy | default | 0.525 +- 0.106 | 0.600 / 0.450 | +0.075 | 0.025 | 2 / 2 |" in table
+
+
+def test_collapse_trace_records_every_step() -> None:
+    from guidewrap.tasks import load_mnist1d
+
+    small = load_mnist1d(num_samples=400, val_samples=50)
+    rows = _load("collapse_trace").trace({"strength": 0.3, "reduction": "mean"}, seed=0, steps=3, data=small)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["pull"] == pytest.approx(0.3, rel=1e-3)  # measured on the first step, then held
+    assert all(len(r["cka"]) == 6 and len(r["conditioning"]) == 6 for r in rows)

@@ -47,7 +47,7 @@ def test_an_in_place_relu_after_a_planned_layer_does_not_change_its_value() -> N
     assert guided.last_alignment == pytest.approx({"0<-0": 1.0, "2<-2": 1.0, "4<-4": 1.0}, abs=1e-5)
     notes = "\n".join(guided.plan().notes)
     assert "'0'" in notes and "'2'" in notes and "'4'" not in notes  # copied only where modified in place
-    assert guided.engine._copied == frozenset({"0", "2"})
+    assert guided.engine.planner.copied == frozenset({"0", "2"})
 
 
 def test_the_backward_through_a_copied_layer_is_the_one_without_in_place_ops() -> None:
@@ -82,7 +82,7 @@ def test_an_in_place_change_the_probe_did_not_see_is_found_and_copied_from_then_
     target.armed = True
     with pytest.warns(GuidewrapWarning, match="modified in place"):
         guided(torch.randn(16, 8))
-    assert "a" in guided.engine._copied
+    assert "a" in guided.engine.planner.copied
 
 
 # --------------------------------------------------------------------------- 2. loss on other outputs

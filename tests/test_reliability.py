@@ -505,9 +505,9 @@ def test_a_dead_layer_in_a_batched_group_is_skipped_with_a_warning_and_no_gradie
 def test_value_checks_wait_for_a_read_off_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """Off the CPU a step's values stay on the device (no host synchronisation per step); skipped
     steps and non-finite results accumulate there and are reported when someone reads."""
-    from guidewrap import engine as engine_module
+    from guidewrap import readout as readout_module
 
-    monkeypatch.setattr(engine_module, "_reads_at_once", lambda device: False)
+    monkeypatch.setattr(readout_module, "_reads_at_once", lambda device: False)
     target = _DeadSecond()
     guide = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16))
     guided = GuidedModel(target, guide, layers=[("a", "0"), ("b", "2")], exclude_output_layer=False)
@@ -795,9 +795,11 @@ def test_a_compiled_guided_step_has_no_graph_break() -> None:
     assert torch.isfinite(eager) and guided.last_alignment  # values are read after the step, eagerly
 
 
-def test_a_compiled_guided_gpt2_step_has_no_graph_break() -> None:
+@pytest.mark.parametrize("strength", [None, 0.3], ids=["weight", "strength"])
+def test_a_compiled_guided_gpt2_step_has_no_graph_break(strength: float | None) -> None:
     """The many-pair transformer case (GPT-2 LM <- GPT-2, 25 sub-layer pairs, the output's loss
-    holding the term): one graph, and in particular no break raised in guidewrap's code."""
+    holding the term): one graph, and in particular no break raised in guidewrap's code; with
+    strength= too (the pull is measured in eager steps; a traced step reads the weight as a tensor)."""
     pytest.importorskip("transformers")
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -810,8 +812,8 @@ def test_a_compiled_guided_gpt2_step_has_no_graph_break() -> None:
     # break of its own (in unguided steps too): name the default.
     target.loss_type = "ForCausalLM"
     ids = torch.randint(0, 100, (4, 16))
-    guided = GuidedModel(target, guide)
-    guided(input_ids=ids, labels=ids)  # plans the layers and installs the taps
+    guided = GuidedModel(target, guide, strength=strength)
+    guided(input_ids=ids, labels=ids)  # plans the layers, installs the taps, measures the pull
 
     explained = torch._dynamo.explain(lambda: guided(input_ids=ids, labels=ids).loss)()
     package = str(Path(guidewrap.__file__).resolve().parent)

@@ -55,6 +55,7 @@ __all__ = ["GuidanceCallback", "guide_trainer"]
 
 # Where checkpoints (trainer_state.json) record the guidance plan.
 PLAN_KEY = "guidewrap_plan"
+STRENGTH_KEY = "guidewrap_strength"
 
 
 class GuidanceCallback(TrainerCallback):
@@ -78,11 +79,11 @@ class GuidanceCallback(TrainerCallback):
         # The term goes in through compute_loss (which knows the Trainer's normalisation),
         # never twice through the model's output loss.
         self.engine = GuidanceEngine(trainer.model, guide, dataclasses.replace(config, add_to_output_loss=False))
-        self.engine.has_step_source = True  # the Trainer's global_step drives it (on_step_end)
+        self.engine.steps.has_source = True  # the Trainer's global_step drives it (on_step_end)
         self._root_hooks = HookSet()
         self._sums: dict[str, float] = {}
         self._count = 0
-        self._term: Any = None  # the alignment term of the latest guided forward, used once
+        self._guided = False  # the latest forward was guided: its term is added once, in compute_loss
 
     # ------------------------------------------------------------------ hooks on the bare model
 
@@ -100,10 +101,10 @@ class GuidanceCallback(TrainerCallback):
         """Remove every hook on the target (done when ``train()`` returns or raises; idempotent)."""
         self._root_hooks.remove()
         self.engine.release()
-        self._term = None
+        self._guided = False
 
     def _keep_term(self, _output: Any) -> None:
-        self._term = self.engine.alignment_loss if self.engine.has_term else None
+        self._guided = self.engine.has_term  # weighed in compute_loss, against the task loss
 
     # ------------------------------------------------------------------ loss
 
@@ -131,20 +132,22 @@ class GuidanceCallback(TrainerCallback):
             result = compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch, **kwargs
             )
-            term, self._term = self._term, None
-            if term is None:  # evaluation, or outside the window
+            guided, self._guided = self._guided, False
+            if not guided:  # evaluation, or outside the window
                 return result
-            term = term * self._ga_scale(num_items_in_batch)
-            self._accumulate()
-            if return_outputs:
-                loss, outputs = result
-                return loss + term.to(loss.dtype), outputs
-            return result + term.to(result.dtype)
+            loss = result[0] if return_outputs else result
+            scale = self._ga_scale(num_items_in_batch)
+            # The pull is measured against the task loss as the backward sees it beside the scaled term.
+            term = self.engine.term_for(loss / scale) * scale
+            self._accumulate(float(loss.detach()))
+            loss = loss + term.to(loss.dtype)
+            return (loss, result[1]) if return_outputs else loss
 
         return guided_compute_loss
 
-    def _accumulate(self) -> None:
-        for key, value in self.engine.guidance_metrics().items():
+    def _accumulate(self, task_loss: float) -> None:
+        values = self.engine.guidance_metrics() | {"guidance_task_loss": task_loss}
+        for key, value in values.items():
             self._sums[key] = self._sums.get(key, 0.0) + value
         self._count += 1
 
@@ -155,17 +158,22 @@ class GuidanceCallback(TrainerCallback):
         records = getattr(state, "stateful_callbacks", None)
         record = records.pop(PLAN_KEY, None) if isinstance(records, dict) else None
         if isinstance(record, dict):  # a resumed checkpoint's plan: a different plan warns, and this
-            self.engine.expect_plan(record)  # run's checkpoints record this run's plan
-        if not self.engine.schedule.is_finished(state.global_step):
+            self.engine.planner.expect(record)  # run's checkpoints record this run's plan
+        strength = records.get(STRENGTH_KEY) if isinstance(records, dict) else None
+        if isinstance(strength, dict):  # the strength controller continues where the checkpoint left it
+            self.engine.strength.load_state_dict(strength)
+        if not self.engine.steps.schedule.is_finished(state.global_step):
             self.attach()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.engine.set_step(state.global_step)
         records = getattr(state, "stateful_callbacks", None)
-        if self.engine.has_plan and isinstance(records, dict) and PLAN_KEY not in records:
+        if isinstance(records, dict) and self.engine.strength.measured:
+            records[STRENGTH_KEY] = self.engine.strength.state_dict()  # written with every checkpoint
+        if self.engine.planner.plan is not None and isinstance(records, dict) and PLAN_KEY not in records:
             # trainer_state.json of every checkpoint records the plan (written after this event); once
             records[PLAN_KEY] = self.engine.plan_record()
-        if self.engine.schedule.is_finished(state.global_step):
+        if self.engine.steps.schedule.is_finished(state.global_step):
             self.detach()  # after the window no hook costs time
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
