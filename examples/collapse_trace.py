@@ -8,6 +8,7 @@ target layer's centred features, and the training accuracy of the batch. Saved a
 prints the steps around the largest fall of the batch accuracy.
 
     python examples/collapse_trace.py --setting default --seed 0 --out runs/collapse-default-0.json
+    python examples/collapse_trace.py --setting default --seed 0 --clip 1 --out runs/collapse-clip-0.json
     python examples/collapse_trace.py --report runs/collapse-default-0.json
 """
 
@@ -42,8 +43,11 @@ def _conditioning(x: Tensor) -> float:
     return float(s[min(s.numel(), x.shape[0] - 1) - 1] / s[0]) if s[0] > 0 else 0.0
 
 
-def trace(setting: dict, seed: int, steps: int = 1000, data: dict[str, Tensor] | None = None) -> list[dict]:
-    """The per-step record of one guided demo run (same weights and batches as the demo's seed)."""
+def trace(
+    setting: dict, seed: int, steps: int = 1000, data: dict[str, Tensor] | None = None, clip: float | None = None
+) -> list[dict]:
+    """The per-step record of one guided demo run (same weights and batches as the demo's seed);
+    ``clip``: the gradient-norm limit applied before each step (the demo uses none)."""
     data = data or load_mnist1d(train_samples=DEMO_TRAIN_SAMPLES)
     torch.manual_seed(seed)
     target = deep_mlp()
@@ -69,6 +73,8 @@ def trace(setting: dict, seed: int, steps: int = 1000, data: dict[str, Tensor] |
         before = [p.detach().clone() for p in params]
         opt.zero_grad()
         loss.backward()
+        if clip is not None:
+            nn.utils.clip_grad_norm_(params, clip)
         opt.step()
         update = math.sqrt(
             sum(float((p.detach() - b).double().pow(2).sum()) for p, b in zip(params, before, strict=True))
@@ -107,6 +113,7 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clip", type=float, help="gradient-norm limit before each step (the demo: none)")
     parser.add_argument("--out", type=Path, default=Path("runs/collapse.json"))
     parser.add_argument("--report", type=Path, help="print the trace saved here")
     a = parser.parse_args()
@@ -119,5 +126,5 @@ if __name__ == "__main__":
         else:
             chosen = SETTINGS[a.setting]
         a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(trace(chosen, a.seed, a.steps)), encoding="utf-8")
+        a.out.write_text(json.dumps(trace(chosen, a.seed, a.steps, clip=a.clip)), encoding="utf-8")
         print(report(json.loads(a.out.read_text(encoding="utf-8"))))
