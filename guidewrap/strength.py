@@ -109,6 +109,8 @@ class StrengthController:
         """Measure both gradients' norms (``term`` at the schedule's weight) and set the scale (with a
         strength: the pull becomes ``strength`` times the schedule's weight, so a decay still decays)
         or warn about the pull (a fixed weight). The graphs are kept for the caller's backward."""
+        if not (task_loss.requires_grad and term.requires_grad):
+            return  # a forward without gradients (no_grad, a frozen target): nothing to measure yet
         task_norm, term_norm = _norms(task_loss, term, params)
         self.measured, self.since = True, 0
         if self.strength is not None and term_norm > 0 and task_norm > 0:

@@ -220,3 +220,15 @@ def test_guide_trainer_holds_the_pull_logs_it_and_checkpoints_the_controller(tmp
     state = json.loads((tmp_path / "out" / "checkpoint-3" / "trainer_state.json").read_text())
     saved = state["stateful_callbacks"]["guidewrap_strength"]
     assert saved == callback.engine.strength.state_dict()
+
+
+def test_a_forward_without_gradients_is_not_measured() -> None:
+    target, guide = _nets()
+    guided = GuidedModel(target, guide)  # a fixed weight: measured once, on the first step with gradients
+    x, y = _batch(0)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", GuidewrapWarning)  # no "inf times the task's" warning
+        guided.total_loss(nn.functional.cross_entropy(guided(x), y))
+    assert not guided.engine.strength.measured
+    guided.total_loss(nn.functional.cross_entropy(guided(x), y))
+    assert guided.engine.strength.measured and 0 < guided.guidance_metrics()["guidance_pull"] < 10
