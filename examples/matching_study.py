@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from lab.common import fit, seeded
 from lab.copy_paste import CausalTransformer, CopyPasteTask, StackedRNN, held_out_accuracy, task_batches, task_loss
-from lab.language import CharCorpus, LSTMLanguageModel, perplexity, python_docs_text, tiny_gpt2
+from lab.language import CharCorpus, perplexity, python_docs_text, text_models
 from torch import Tensor, nn
 
 import guidewrap
@@ -113,21 +113,9 @@ def run_one(task: str, setting: str, seed: int, smoke: bool = False) -> dict[str
         d = 16 if smoke else 128
         v = corpus.vocab_size
 
-        def rnn() -> nn.Module:
-            return StackedRNN(v, emb=d, hidden=d, layers=4)
-
-        def transformer() -> nn.Module:
-            return CausalTransformer(v, d_model=d, layers=4, heads=4)
-
-        def gpt2() -> nn.Module:
-            return tiny_gpt2(v, n_layer=4, n_embd=d, n_head=4, n_positions=64)
-
-        def lstm() -> nn.Module:
-            return LSTMLanguageModel(v, hidden=d, layers=4)
-
-        make_target, make_guide = {"lm": (rnn, transformer), "gpt2<-lstm": (gpt2, lstm), "lstm<-gpt2": (lstm, gpt2)}[
-            task
-        ]
+        m = text_models(v, d)
+        roles = {"lm": ("rnn", "transformer"), "gpt2<-lstm": ("gpt2", "lstm"), "lstm<-gpt2": ("lstm", "gpt2")}
+        make_target, make_guide = (m[name] for name in roles[task])
         target = seeded(seed, make_target)
         guide = seeded(seed + 1, make_guide)
 

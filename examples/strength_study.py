@@ -45,7 +45,7 @@ from demo_study import cpu_model  # noqa: E402
 from lab.common import batch_stream, fit, seeded  # noqa: E402
 from lab.copy_paste import CausalTransformer, CopyPasteTask, StackedRNN, held_out_accuracy, task_batches  # noqa: E402
 from lab.copy_paste import task_loss as copy_loss  # noqa: E402
-from lab.language import CharCorpus, LSTMLanguageModel, perplexity, python_docs_text, tiny_gpt2  # noqa: E402
+from lab.language import CharCorpus, LSTMLanguageModel, perplexity, python_docs_text, text_models  # noqa: E402
 
 from guidewrap.tasks import DEMO_TRAIN_SAMPLES, load_mnist1d, train_variant  # noqa: E402
 
@@ -123,21 +123,12 @@ def _text_task(task: str, setting: dict | None, seed: int, out: Path) -> dict:
         ids = corpus.batch(32, seed=int(torch.randint(0, 2**31, (1,), generator=gen)))["input_ids"]
         return ids, ids
 
-    def rnn() -> nn.Module:
-        return StackedRNN(v, emb=d, hidden=d, layers=4)
-
-    def transformer() -> nn.Module:
-        return CausalTransformer(v, d_model=d, layers=4, heads=4)
-
-    def gpt2() -> nn.Module:
-        return tiny_gpt2(v, n_layer=4, n_embd=d, n_head=4, n_positions=64)
-
-    def lstm() -> nn.Module:
-        return LSTMLanguageModel(v, hidden=d, layers=4)
-
     steps = 1000 if task.startswith("lm") else 300
-    make_target, make_guide = {"lm": (rnn, transformer), "lm-trained": (rnn, transformer),
-                               "gpt2<-lstm": (gpt2, lstm), "lstm<-gpt2": (lstm, gpt2)}[task]  # fmt: skip
+    m = text_models(v, d)
+    roles = {"lm": ("rnn", "transformer"), "lm-trained": ("rnn", "transformer"), "gpt2<-lstm": ("gpt2", "lstm"),
+             "lstm<-gpt2": ("lstm", "gpt2")}  # fmt: skip
+    make_target, make_guide = (m[name] for name in roles[task])
+    transformer = m["transformer"]
     target = seeded(seed, make_target)
     if task == "lm-trained":  # language_modelling.py's trained guide: the Transformer of the seed, 1,000 steps
         guide = _cached_guide(out, f"lm-transformer-{seed}", lambda: seeded(seed, transformer),

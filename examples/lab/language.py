@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .copy_paste import StackedRNN
+from .copy_paste import CausalTransformer, StackedRNN
 
 __all__ = [
     "RNNLanguageModel",
@@ -183,3 +183,20 @@ def perplexity(mean_loss: float) -> float:
         1.0
     """
     return math.exp(min(mean_loss, 50.0))
+
+
+def text_models(vocab: int, d: int) -> dict[str, Any]:
+    """The studies' four language-model factories over a vocabulary of ``vocab``, width ``d``: a 4-layer
+    tanh RNN, a 4-layer causal Transformer, a 4-block GPT-2 and a 4-layer LSTM (the matching and
+    strength studies build every target and guide from these).
+
+    Examples:
+        >>> sorted(text_models(10, 8))
+        ['gpt2', 'lstm', 'rnn', 'transformer']
+    """
+    return {
+        "rnn": lambda: StackedRNN(vocab, emb=d, hidden=d, layers=4),
+        "transformer": lambda: CausalTransformer(vocab, d_model=d, layers=4, heads=4),
+        "gpt2": lambda: tiny_gpt2(vocab, n_layer=4, n_embd=d, n_head=4, n_positions=64),
+        "lstm": lambda: LSTMLanguageModel(vocab, hidden=d, layers=4),
+    }
