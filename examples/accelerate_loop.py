@@ -124,7 +124,7 @@ def main(
                 logits = model(**inputs)
                 # This target returns logits, so the term is added once here (a model that returns
                 # outputs.loss already holds it: then loss = outputs.loss).
-                loss = nn.functional.cross_entropy(logits.float(), labels) + guided.alignment_loss  # <- guidewrap
+                loss = guided.total_loss(nn.functional.cross_entropy(logits.float(), labels))  # <- guidewrap
                 peak_term = max(peak_term, guided.alignment_loss.item())
                 accelerator.backward(loss)
                 optimizer.step()

@@ -179,9 +179,11 @@ class GuidanceEngine:
         return self.readout.last_alignment
 
     def guidance_metrics(self) -> dict[str, float]:
-        """Values to log: loss, weight, skipped pairs and per-pair alignment of the last forward."""
+        """Values to log: loss, weight, skipped pairs and per-pair alignment of the last forward, and
+        the task loss it was weighed against when one was given (``guidance_task_loss``)."""
         loss = float(self.strength.loss.detach()) if self.strength.loss is not None else 0.0
-        return self.readout.values(loss, self.weight, self.strength.pull)
+        task = self.strength.task_loss
+        return self.readout.values(loss, self.weight, self.strength.pull, None if task is None else float(task))
 
     def metrics(self) -> dict[str, float]:
         """Deprecated name of :meth:`guidance_metrics`."""

@@ -105,13 +105,17 @@ class Readout:
         self.read()
         return self._last
 
-    def values(self, loss: float, weight: float, pull: float | None = None) -> dict[str, float]:
+    def values(
+        self, loss: float, weight: float, pull: float | None = None, task_loss: float | None = None
+    ) -> dict[str, float]:
         """What to log: the weighted term, the weight in force, the last measured pull (the term's
-        gradient norm over the task's), skipped pairs and each pair's alignment."""
+        gradient norm over the task's), the task loss when known, skipped pairs and each pair's alignment."""
         alignment = self.last_alignment  # the read first: it updates the skipped-pair count
         out = {"guidance_loss": loss, "guidance_weight": weight, "guidance_skipped_pairs": float(self.skipped_pairs)}
         if pull is not None:
             out["guidance_pull"] = pull
+        if task_loss is not None:
+            out["guidance_task_loss"] = task_loss
         out.update({f"guidance_align/{key}": value for key, value in alignment.items()})
         return out
 

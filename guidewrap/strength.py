@@ -63,13 +63,16 @@ class StrengthController:
         self.term_weight: float | Tensor = 1.0
         self.loss: Tensor | None = None
         self._weighed = False
+        self.task_loss: Tensor | None = None  # the task loss it was weighed against (detached), to log
 
     def __getstate__(self) -> dict[str, Any]:
-        return dict(self.__dict__) | {"term": None, "loss": None, "_weighed": False}  # never a step's graph
+        # never a step's graph or tensors
+        return dict(self.__dict__) | {"term": None, "loss": None, "_weighed": False, "task_loss": None}
 
     def hold(self, term: Tensor | None, schedule_weight: float | Tensor = 1.0) -> None:
         """Keep the last guided forward's term (``None``: forget it) until it is weighed."""
         self.term, self.term_weight, self.loss, self._weighed = term, schedule_weight, None, False
+        self.task_loss = None
 
     def in_force(self, task_loss: Tensor | None, params: Callable[[], Sequence[Tensor]]) -> Tensor | None:
         """The held term in force against ``task_loss`` (weighed once per forward against a task loss:
@@ -79,6 +82,8 @@ class StrengthController:
         if self.loss is None or (task_loss is not None and not self._weighed):
             self.loss = self.weigh(self.term, self.term_weight, task_loss, params)
             self._weighed = task_loss is not None
+            if task_loss is not None:
+                self.task_loss = task_loss.detach()
         return self.loss
 
     def due(self) -> bool:

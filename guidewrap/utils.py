@@ -14,7 +14,7 @@ import importlib.util
 
 from torch import nn
 
-__all__ = ["unwrap_model", "is_transformers_available"]
+__all__ = ["unwrap_model", "is_transformers_available", "is_lightning_available"]
 
 _WRAPPER_NAMES = {"DistributedDataParallel", "DataParallel", "DeepSpeedEngine", "FullyShardedDataParallel"}
 
@@ -55,3 +55,13 @@ def is_transformers_available() -> bool:
         True
     """
     return _available("transformers")
+
+
+def is_lightning_available() -> bool:
+    """Whether PyTorch Lightning (the ``lightning`` package) can be imported (without importing it).
+
+    Examples:
+        >>> isinstance(is_lightning_available(), bool)
+        True
+    """
+    return _available("lightning")

@@ -139,15 +139,14 @@ class GuidanceCallback(TrainerCallback):
             scale = self._ga_scale(num_items_in_batch)
             # The pull is measured against the task loss as the backward sees it beside the scaled term.
             term = self.engine.term_for(loss / scale) * scale
-            self._accumulate(float(loss.detach()))
+            self._accumulate()  # guidance_task_loss: the task loss unscaled, as the engine weighed it
             loss = loss + term.to(loss.dtype)
             return (loss, result[1]) if return_outputs else loss
 
         return guided_compute_loss
 
-    def _accumulate(self, task_loss: float) -> None:
-        values = self.engine.guidance_metrics() | {"guidance_task_loss": task_loss}
-        for key, value in values.items():
+    def _accumulate(self) -> None:
+        for key, value in self.engine.guidance_metrics().items():
             self._sums[key] = self._sums.get(key, 0.0) + value
         self._count += 1
 
