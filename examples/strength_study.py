@@ -89,11 +89,12 @@ def _cached_guide(out: Path, name: str, build: Any, train: Any) -> nn.Module:
 
 def _demo(setting: dict | None, seed: int, out: Path) -> dict:
     data = load_mnist1d(train_samples=DEMO_TRAIN_SAMPLES)
-    if setting is None:
-        r = train_variant("baseline", data, seed=seed)
+    clip = (setting or {}).get("clip")
+    if setting is None or "reduction" not in setting:
+        r = train_variant("baseline", data, seed=seed, clip=clip)
     else:
         keys = {"weight": setting.get("weight", 1.0), "reduction": setting["reduction"]}
-        r = train_variant("guided", data, seed=seed, strength=setting.get("strength"), **keys)
+        r = train_variant("guided", data, seed=seed, strength=setting.get("strength"), clip=clip, **keys)
     final = r.curve[-1]
     return {"score": final[3], "selected": r.test_acc, "selected_step": r.best_step,
             "curve": [(s, tr) for s, tr, _, _ in r.curve], "curve_kind": "train_acc"}  # fmt: skip
@@ -214,12 +215,15 @@ def _minilm(setting: dict | None, seed: int, out: Path) -> dict:
 
 def setting_of(name: str) -> dict[str, Any] | None:
     """A setting's guidance keywords: ``alone`` (None), a fixed one of SETTINGS, or ``strength=R``
-    (the weight set from the gradients, on the mean over pairs)."""
+    (the weight set from the gradients, on the mean over pairs). A ``+clip=C`` suffix (the demo only)
+    clips the gradient norm at C before each step (``alone+clip=1``: ``{"clip": 1.0}`` alone)."""
+    name, _, clip = name.partition("+clip=")
+    extra = {"clip": float(clip)} if clip else {}
     if name == "alone":
-        return None
+        return extra or None
     if name.startswith("strength="):
-        return {"strength": float(name.removeprefix("strength=")), "reduction": "mean"}
-    return SETTINGS[name]
+        return {"strength": float(name.removeprefix("strength=")), "reduction": "mean"} | extra
+    return SETTINGS[name] | extra
 
 
 def run_one(task: str, setting_name: str, seed: int, out: Path) -> dict:
@@ -275,26 +279,33 @@ def report(out: Path, settings: list[str]) -> str:
     """The Strength table: per task and setting, score per seed, the paired difference vs alone with its
     standard error and seeds better, and the runs that collapsed late."""
     rows = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(out.glob("*.json"))]
-    header = "| task | setting | score (final step) | per seed | vs alone | SE | seeds better | late collapse |"
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    header = (
+        "| task | setting | score (final step) | per seed | vs alone | SE | seeds better | selected (mean) "
+        "| late collapse |"
+    )
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for task in TASKS:
         base = ALONE_OF.get(task, task)
-        alone = {r["seed"]: r["score"] for r in rows if r["task"] == base and r["setting"] == "alone"}
-        for setting in ("alone", *settings):
+        for setting in dict.fromkeys(("alone", *settings)):
+            # a "+clip=C" setting is paired with the target alone under the same clipping
+            reference = "alone" + setting.partition("+clip=")[1] + setting.partition("+clip=")[2]
+            alone = {r["seed"]: r["score"] for r in rows if r["task"] == base and r["setting"] == reference}
             runs = sorted((r for r in rows if r["task"] == task and r["setting"] == setting), key=lambda r: r["seed"])
             if not runs:
                 continue
             scores = [r["score"] for r in runs]
             spread = f" +- {statistics.stdev(scores):.3f}" if len(scores) > 1 else ""
             diffs = [r["score"] - alone[r["seed"]] for r in runs if r["seed"] in alone]
+            selected = [r["selected"] for r in runs if r.get("selected") is not None]
+            picked = f"{statistics.fmean(selected):.3f}" if selected else ""
             vs = se = better = ""
-            if setting != "alone" and diffs:
+            if setting != reference and diffs:
                 vs = f"{statistics.fmean(diffs):+.3f}"
                 se = f"{statistics.stdev(diffs) / len(diffs) ** 0.5:.3f}" if len(diffs) > 1 else ""
                 better = f"{sum((d > 0) == HIGHER_IS_BETTER[task] and d != 0 for d in diffs)} / {len(diffs)}"
             fell = [f"seed {r['seed']}: {c}" for r in runs if (c := collapse(r))]
             lines.append(f"| {task} | {setting} | {statistics.fmean(scores):.3f}{spread} | "
-                         f"{' / '.join(f'{s:.3f}' for s in scores)} | {vs} | {se} | {better} | "
+                         f"{' / '.join(f'{s:.3f}' for s in scores)} | {vs} | {se} | {better} | {picked} | "
                          f"{'; '.join(fell) or 'none'} |")  # fmt: skip
     return "\n".join(lines)
 

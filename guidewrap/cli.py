@@ -201,21 +201,24 @@ def _demo_table(results: list[Any], variants: list[str], descriptions: dict[str,
         return f"{mean:.3f} +- {statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}"
 
     lines = [
-        "| variant | what | train acc | test acc | gap (train - test) | test acc per seed |",
-        "|---|---|---|---|---|---|",
+        "| variant | what | train acc | test acc | gap (train - test) | test acc per seed | final train acc "
+        "| final test acc | final test acc per seed |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     by_variant = {v: {r.seed: r for r in results if r.variant == v} for v in variants}
     for variant in variants:
         rows = list(by_variant[variant].values())
         per_seed = " / ".join(f"{r.test_acc:.3f}" for r in rows)
+        final_per_seed = " / ".join(f"{r.final_test_acc:.3f}" for r in rows)
         lines.append(
             f"| {variant} | {descriptions[variant]} | {fmt([r.train_acc for r in rows])} | "
-            f"{fmt([r.test_acc for r in rows])} | {fmt([r.gap for r in rows])} | {per_seed} |"
+            f"{fmt([r.test_acc for r in rows])} | {fmt([r.gap for r in rows])} | {per_seed} | "
+            f"{fmt([r.final_train_acc for r in rows])} | {fmt([r.final_test_acc for r in rows])} | {final_per_seed} |"
         )
     seeds = sorted({r.seed for r in results})
     lines.append(
         f"\nseeds: {', '.join(map(str, seeds))}; mean +- std over seeds; each run scored at its best-validation "
-        "evaluation (test accuracy there, never used to choose)"
+        "evaluation (test accuracy there, never used to choose), and at its final step (the model you keep)"
     )
     if "baseline" in by_variant and "guided" in by_variant:
         base, guided = by_variant["baseline"], by_variant["guided"]
@@ -231,12 +234,20 @@ def _demo_table(results: list[Any], variants: list[str], descriptions: dict[str,
                 f"paired guided - baseline (same seed, same batches): {mean:+.3f} (SE {se:.3f}); "
                 f"per seed {' / '.join(f'{d:+.3f}' for d in diffs)}"
             )
+            finals = [guided[s].final_test_acc - base[s].final_test_acc for s in seeds if s in base and s in guided]
+            lines.append(
+                f"at the final step: {statistics.fmean(finals):+.3f} "
+                f"(SE {statistics.stdev(finals) / math.sqrt(len(finals)):.3f}); "
+                f"per seed {' / '.join(f'{d:+.3f}' for d in finals)}"
+            )
             if mean > larger_sd:
                 verdict = f"guidance helps: guided beats baseline by more than either's std ({larger_sd:.3f})"
             elif mean > 0:
                 verdict = f"guided ahead, but within the spread of the runs (std {larger_sd:.3f}): not conclusive"
             else:
                 verdict = "no gain from guidance on these seeds"
+            if statistics.fmean(finals) <= 0 < mean:
+                verdict += "; but not at the final step (runs fell after fitting: see the curves)"
             lines.append(f"verdict: {verdict}")
         elif diffs:
             lines.append(f"guided - baseline on seed {seeds[0]}: {diffs[0]:+.3f} (run 2+ seeds for a verdict)")
@@ -256,7 +267,9 @@ def _demo_plot(results: list[Any], variants: list[str], path: Path) -> Path:
         label = r.variant if r.seed == results[0].seed else None
         axes[0].plot(steps, [c[1] for c in r.curve], color=colors[r.variant], label=label, alpha=0.8)
         axes[1].plot(steps, [c[3] for c in r.curve], color=colors[r.variant], label=label, alpha=0.8)
-    for ax, title in zip(axes, ("train accuracy", "test accuracy"), strict=True):
+        # the selected (best-validation) evaluation, so a later fall is visible beside what the table scores
+        axes[1].plot([r.best_step], [r.test_acc], "o", color=colors[r.variant], markersize=4)
+    for ax, title in zip(axes, ("train accuracy", "test accuracy (dots: selected step)"), strict=True):
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

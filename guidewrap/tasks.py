@@ -275,6 +275,16 @@ class RunResult:
         """Generalisation gap: train accuracy minus test accuracy."""
         return self.train_acc - self.test_acc
 
+    @property
+    def final_test_acc(self) -> float:
+        """Test accuracy at the last evaluation: the model a user who keeps the final weights gets."""
+        return self.curve[-1][3]
+
+    @property
+    def final_train_acc(self) -> float:
+        """Training accuracy at the last evaluation."""
+        return self.curve[-1][1]
+
 
 def train_variant(
     variant: str,
@@ -291,12 +301,14 @@ def train_variant(
     layers: Any = None,
     reduction: str = "sum",
     strength: float | None = None,
+    clip: float | None = None,
 ) -> RunResult:
     """Train one variant of the demo; its scored result (the module's rule) and curves.
 
     ``baseline``: the MLP alone; ``guided``: plus ``weight * sum(1 - CKA)`` to an untrained CNN over
     ``layers`` (default :data:`DEMO_PAIRS`; ``reduction="mean"`` divides by the pairs; ``strength``
-    sets the weight from the gradients instead of ``weight``); ``pre_align``:
+    sets the weight from the gradients instead of ``weight``; ``clip``: a gradient-norm limit before
+    each step, none by default as in the published demo figures); ``pre_align``:
     ``pre_align_steps`` of alignment on noise, then alone; ``distill``: plus logit distillation from
     the same CNN. Variants of a seed start from the same weights and see the same batches.
 
@@ -327,8 +339,7 @@ def train_variant(
 
     mode = {"guided": "guided", "distill": "distill"}.get(variant, "none")
     batches = random_batches(data["x"], data["y"], batch, seed)
-    # No gradient clipping (clip=None), as in every published demo figure.
-    loop = {"lr": lr, "clip": None, "progress": progress, "callback": evaluate}
+    loop = {"lr": lr, "clip": clip, "progress": progress, "callback": evaluate}
     pinned = {"weight": weight, "layers": pairs, "reduction": reduction}  # pinned: library defaults cannot move it
     if strength is not None:  # the weight set from the gradients instead (docs/concepts/strength.md)
         pinned |= {"weight": 1.0, "strength": strength}

@@ -21,8 +21,25 @@ def test_demo_tiny_run_writes_table_and_png(tmp_path: Path, capsys: pytest.Captu
     for variant in ("baseline", "guided", "pre_align", "distill"):
         assert f"| {variant} |" in out
     assert "+-" in out  # two seeds: mean +- std
+    assert "| final test acc |" in out and "at the final step: " in out  # beside the selected evaluation
     assert (tmp_path / "curves.png").read_bytes()[:8] == PNG_MAGIC
     assert "| guided |" in (tmp_path / "results.md").read_text()
+
+
+def test_demo_table_reports_the_final_step_beside_the_selected_one() -> None:
+    from guidewrap.cli import _demo_table
+    from guidewrap.tasks import DESCRIPTIONS, RunResult
+
+    def run(variant: str, seed: int, final_test: float) -> RunResult:  # selected at step 2, then a fall
+        return RunResult.from_curve(variant, seed, [(1, 0.5, 0.4, 0.4), (2, 1.0, 0.6, 0.6), (3, 0.3, 0.2, final_test)])
+
+    results = [run("baseline", 0, 0.5), run("baseline", 1, 0.52), run("guided", 0, 0.11), run("guided", 1, 0.2)]
+    results[2] = RunResult.from_curve("guided", 0, [(1, 0.5, 0.4, 0.4), (2, 1.0, 0.7, 0.7), (3, 0.13, 0.1, 0.11)])
+    results[3] = RunResult.from_curve("guided", 1, [(1, 0.5, 0.4, 0.4), (2, 1.0, 0.8, 0.75), (3, 0.2, 0.2, 0.2)])
+    table = _demo_table(results, ["baseline", "guided"], DESCRIPTIONS)
+    assert "| 0.110 / 0.200 |" in table and "| 0.500 / 0.520 |" in table  # final test acc per seed
+    assert "at the final step: -0.355 (SE 0.035); per seed -0.390 / -0.320" in table
+    assert "but not at the final step" in table  # the verdict does not hide the fall
 
 
 def test_demo_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
