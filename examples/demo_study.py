@@ -9,6 +9,9 @@ counts change the order of floating-point reductions, which stands in for anothe
     python examples/demo_study.py --seeds 0 1 2 3 4 --threads 2 --out runs/demo-study
     python examples/demo_study.py --report --out runs/demo-study --png docs/img/demo-paired.png
 
+``--clip 0`` trains unclipped (the demo before 0.3). The report gives every variant's final-step test
+accuracy and paired difference beside the selected (best-validation) ones.
+
 ``--report`` reads every saved run and prints, per thread count, each variant's mean +- std, the
 per-seed values and the paired difference guided - baseline with its standard error (the std of
 the per-seed differences over sqrt(seeds)); ``--png`` draws the paired differences.
@@ -26,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from guidewrap.tasks import DEMO_STEPS, DEMO_TRAIN_SAMPLES, VARIANTS, load_mnist1d, train_variant
+from guidewrap.tasks import DEMO_CLIP, DEMO_STEPS, DEMO_TRAIN_SAMPLES, VARIANTS, load_mnist1d, train_variant
 
 
 def cpu_model() -> str:
@@ -40,7 +43,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def run_study(seeds: list[int], variants: list[str], threads: int, out: Path, steps: int) -> None:
+def run_study(
+    seeds: list[int], variants: list[str], threads: int, out: Path, steps: int, clip: float | None = DEMO_CLIP
+) -> None:
     torch.set_num_threads(threads)
     folder = out / f"threads{threads}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -52,12 +57,13 @@ def run_study(seeds: list[int], variants: list[str], threads: int, out: Path, st
                 continue  # resume: this run finished in an earlier session
             data = data or load_mnist1d(train_samples=DEMO_TRAIN_SAMPLES)
             start = time.perf_counter()
-            r = train_variant(variant, data, seed=seed, steps=steps)
+            r = train_variant(variant, data, seed=seed, steps=steps, clip=clip)
             record = {
                 "variant": variant,
                 "seed": seed,
                 "threads": threads,
                 "steps": steps,
+                "clip": clip,
                 "train_acc": r.train_acc,
                 "test_acc": r.test_acc,
                 "best_step": r.best_step,
@@ -93,15 +99,20 @@ def report(out: Path, png: Path | None) -> str:
         any_run = next(iter(next(iter(by_variant.values())).values()))
         lines.append(f"### {threads} thread(s), {any_run['cpu']}, torch {any_run['torch']}, {any_run['steps']} steps")
         lines.append("")
-        lines.append("| variant | test acc (mean +- std) | per seed | best step per seed |")
-        lines.append("|---|---|---|---|")
+        lines.append(
+            "| variant | test acc (mean +- std) | per seed | best step per seed | final-step test acc | per seed |"
+        )
+        lines.append("|---|---|---|---|---|---|")
         for variant in [v for v in VARIANTS if v in by_variant]:
             rows = by_variant[variant]
-            values = [rows[s]["test_acc"] for s in sorted(rows)]
-            spread = f" +- {statistics.stdev(values):.3f}" if len(values) > 1 else ""
-            per_seed = " / ".join(f"{s}: {rows[s]['test_acc']:.3f}" for s in sorted(rows))
+            cells = []
+            for key in ("test_acc", "final_test_acc"):
+                values = [rows[s][key] for s in sorted(rows)]
+                spread = f" +- {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+                cells.append(f"{statistics.fmean(values):.3f}{spread}")
+                cells.append(" / ".join(f"{s}: {rows[s][key]:.3f}" for s in sorted(rows)))
             steps = " / ".join(str(rows[s]["best_step"]) for s in sorted(rows))
-            lines.append(f"| {variant} | {statistics.fmean(values):.3f}{spread} | {per_seed} | {steps} |")
+            lines.append(f"| {variant} | {cells[0]} | {cells[1]} | {steps} | {cells[2]} | {cells[3]} |")
         for variant in [v for v in VARIANTS if v in by_variant and v != "baseline"]:
             if "baseline" not in by_variant:
                 break
@@ -115,6 +126,12 @@ def report(out: Path, png: Path | None) -> str:
             lines.append(
                 f"{variant} - baseline, paired over seeds {seeds}: {mean:+.4f} (SE {se:.4f}, "
                 f"{ratio:.1f} SE); per seed {per_seed}; {sum(d > 0 for d in diffs)}/{len(diffs)} seeds positive"
+            )
+            _, finals = paired(by_variant[variant], by_variant["baseline"], "final_test_acc")
+            lines.append(
+                f"at the final step: {statistics.fmean(finals):+.4f} (SE "
+                f"{statistics.stdev(finals) / math.sqrt(len(finals)):.4f}); per seed "
+                f"{' / '.join(f'{d:+.3f}' for d in finals)}; {sum(d > 0 for d in finals)}/{len(finals)} seeds positive"
             )
         lines.append("")
     text = "\n".join(lines)
@@ -159,6 +176,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["baseline", "guided"], choices=VARIANTS)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=DEMO_STEPS)
+    parser.add_argument("--clip", type=float, default=DEMO_CLIP, help="gradient-norm limit (the demo's; 0: unclipped)")
     parser.add_argument("--out", type=Path, default=Path("runs/demo-study"))
     parser.add_argument("--report", action="store_true", help="summarise the saved runs instead of training")
     parser.add_argument("--png", type=Path, help="with --report: draw the paired differences here")
@@ -166,7 +184,7 @@ def main() -> None:
     if args.report:
         print(report(args.out, args.png))
     else:
-        run_study(args.seeds, args.variants, args.threads, args.out, args.steps)
+        run_study(args.seeds, args.variants, args.threads, args.out, args.steps, args.clip or None)
 
 
 if __name__ == "__main__":

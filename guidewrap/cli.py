@@ -158,8 +158,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise CommandError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
-    if args.steps < 1 or args.samples < 100 or not args.weight >= 0:
-        raise CommandError("--steps must be >= 1, --samples >= 100 and --weight >= 0")
+    if args.steps < 1 or args.samples < 100 or not args.weight >= 0 or not args.clip >= 0:
+        raise CommandError("--steps must be >= 1, --samples >= 100, --weight >= 0 and --clip >= 0")
+    clip = args.clip or None  # 0: unclipped
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     val_samples = min(1000, int(args.samples * 0.8) // 5)
@@ -168,14 +169,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(
         f"MNIST-1D (generated locally): {len(data['x'])} training, {len(data['x_val'])} validation, "
         f"{len(data['x_test'])} test signals; deep MLP (8 x 256) vs an untrained 1-D CNN guide, "
-        f"{args.steps} steps, seeds {args.seeds}, {torch_threads()} torch thread(s)"
+        f"{args.steps} steps, gradient norm clipped at {clip or 'no limit'}, seeds {args.seeds}, "
+        f"{torch_threads()} torch thread(s)"
     )
     results = []
     start = time.perf_counter()
     for seed in args.seeds:
         for variant in variants:
             with tqdm(total=args.steps, desc=f"seed {seed} {variant:<9}", leave=False, disable=args.quiet) as bar:
-                run = train_variant(variant, data, seed=seed, steps=args.steps, weight=args.weight, progress=bar.update)
+                settings = {"steps": args.steps, "weight": args.weight, "clip": clip}
+                run = train_variant(variant, data, seed=seed, progress=bar.update, **settings)
                 results.append(run)
     elapsed = time.perf_counter() - start
     table = _demo_table(results, variants, DESCRIPTIONS)
@@ -297,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--train-samples", type=int, help="training signals kept (default 2000; validation: 1000 others)")
     demo.add_argument("--variants", nargs="+", help="subset of: baseline guided pre_align distill")
     demo.add_argument("--weight", type=float, default=0.5, help="guidance weight (default 0.5)")
+    demo.add_argument(
+        "--clip", type=float, default=1.0, help="gradient-norm limit before each step (default 1; 0: unclipped)"
+    )
     demo.add_argument("--out", default="guidewrap-demo", help="output folder for the table and PNG")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_cmd_demo)

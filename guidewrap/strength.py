@@ -123,11 +123,17 @@ class StrengthController:
             self.scale_tensor.fill_(self.scale)
         self.pull = self.scale * term_norm / task_norm if task_norm > 0 else math.inf
         if self.strength is None and not PULL_TOO_WEAK <= self.pull <= PULL_TOO_STRONG:
-            which = "swamps" if self.pull > PULL_TOO_STRONG else "barely registers against"
+            strong = self.pull > PULL_TOO_STRONG
+            what = (
+                "it swamps the task's (measured at such pulls: a plain ConvNet never left chance while the "
+                "demo's MLP gained; docs/results.md 'Strength'). Compare with a run without guidance, lower "
+                "the weight,"
+                if strong
+                else "it barely registers against the task's, so guidance will change little. Raise the weight,"
+            )
             warnings.warn(
                 f"the alignment term's gradient is {self.pull:.3g} times the task loss's at weight "
-                f"{schedule_weight:g}: it {which} the task (guidance helped here at pulls of ~0.05 to ~1). Pass "
-                "strength=0.3 instead of a fixed weight to hold the term's pull at 0.3 times the task's",
+                f"{schedule_weight:g}: {what} or pass strength=r to hold the term's pull at r times the task's",
                 GuidewrapWarning,
                 stacklevel=6,  # the caller of total_loss (plain loops)
             )
