@@ -175,6 +175,15 @@ def test_a_submodule_target_and_the_errors_users_meet(tmp_path: Path) -> None:
     _trainer(tmp_path, [guidance], max_steps=2).fit(CallsSubmodule(), _loader())
     assert guidance.engine.counters["guided_forwards"] == 2 and guidance.engine.target is not None
 
+    class SkipsFirstBatch(CallsSubmodule):
+        def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+            return None if batch_idx == 0 else super().training_step(batch, batch_idx)  # Lightning's skip
+
+    guidance = GuidanceCallback(_guide(), until_step=10, target="model")
+    trainer = _trainer(tmp_path, [guidance], max_steps=3)
+    trainer.fit(SkipsFirstBatch(), _loader())  # the skipped batch is no error
+    assert guidance.engine.counters["guided_forwards"] == 2 and guidance.engine.step_count == trainer.global_step
+
     module = CallsSubmodule()
     with pytest.raises(ConfigError, match=r"did not run in training_step.*target='model'"):
         _trainer(tmp_path, [GuidanceCallback(_guide())], max_steps=1).fit(module, _loader())

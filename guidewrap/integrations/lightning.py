@@ -180,6 +180,8 @@ class GuidanceCallback(Callback):
 
     def _add_term(self, pl_module: Any, result: Any) -> Any:
         guided, self._guided = self._guided, False
+        if result is None:  # Lightning's "skip this batch": nothing to add the term to
+            return None
         if not guided:  # inside the window, so the guided network did not run
             raise ConfigError(_NOT_RUN.format(type(self.engine.target).__name__, self.target))
         loss = result.get("loss") if isinstance(result, dict) else result
