@@ -126,12 +126,13 @@ def test_checkpoint_holds_only_the_target_and_the_guidance_state(tmp_path: Path)
 
 
 def _fit_epochs(
-    tmp_path: Path, folder: str, epochs: int, resume: str | None = None
+    tmp_path: Path, folder: str, epochs: int, resume: str | None = None, **settings
 ) -> tuple[Classifier, GuidanceCallback]:
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=str(tmp_path / folder), save_top_k=-1, every_n_epochs=1, filename="{epoch}"
     )
-    guidance = GuidanceCallback(_guide(), until_step=6)  # the window ends inside the second run's epochs
+    settings = {"until_step": 6} | settings  # the window ends inside the second run's epochs
+    guidance = GuidanceCallback(_guide(), **settings)
     module = Classifier()
     trainer = _trainer(tmp_path, [guidance, checkpoints], max_epochs=epochs, enable_checkpointing=True)
     trainer.fit(module, _loader(batch_size=32), ckpt_path=resume)
@@ -146,6 +147,19 @@ def test_resume_continues_the_window_bit_identically(tmp_path: Path) -> None:
     assert guidance.engine.counters["guided_forwards"] == 6  # 4 restored from the checkpoint + steps 5-6
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), f"{name} differs after resuming"
+
+
+def test_strength_holds_the_requested_pull_and_resumes_its_controller_exactly(tmp_path: Path) -> None:
+    settings = {"strength": 0.3, "strength_every": 3}  # measured at steps 1, 4, 7 (of 8)
+    straight, guidance = _fit_epochs(tmp_path, "straight", epochs=4, **settings)
+    assert guidance.engine.strength.pull == pytest.approx(0.3, rel=0.1)  # on the last measured step
+    assert guidance.engine.strength.measured and guidance.engine.weight != 1.0
+    state = guidance.engine.strength.state_dict()
+    resumed, again = _fit_epochs(tmp_path, "resumed", epochs=4, resume=str(tmp_path / "straight" / "epoch=1.ckpt"),
+                                 **settings)  # fmt: skip
+    assert again.engine.strength.state_dict() == state  # the controller continued where the checkpoint left it
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), f"{name} differs after resuming with a strength"
 
 
 def test_accumulation_counts_optimizer_steps_and_guides_every_micro_batch(tmp_path: Path) -> None:
