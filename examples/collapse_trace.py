@@ -47,7 +47,7 @@ def trace(
     setting: dict, seed: int, steps: int = 1000, data: dict[str, Tensor] | None = None, clip: float | None = None
 ) -> list[dict]:
     """The per-step record of one guided demo run (same weights and batches as the demo's seed);
-    ``clip``: the gradient-norm limit applied before each step (the demo uses none)."""
+    ``clip``: the gradient-norm limit applied before each step (the demo before 0.3: none; since: 1)."""
     data = data or load_mnist1d(train_samples=DEMO_TRAIN_SAMPLES)
     torch.manual_seed(seed)
     target = deep_mlp()
@@ -113,7 +113,9 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--clip", type=float, help="gradient-norm limit before each step (the demo: none)")
+    parser.add_argument(
+        "--clip", type=float, help="gradient-norm limit before each step (default: none, as the unclipped demo)"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/collapse.json"))
     parser.add_argument("--report", type=Path, help="print the trace saved here")
     a = parser.parse_args()
