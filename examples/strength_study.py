@@ -288,7 +288,8 @@ def report(out: Path, settings: list[str]) -> str:
         base = ALONE_OF.get(task, task)
         for setting in dict.fromkeys(("alone", *settings)):
             # a "+clip=C" setting is paired with the target alone under the same clipping
-            reference = "alone" + setting.partition("+clip=")[1] + setting.partition("+clip=")[2]
+            _, sep, clip = setting.partition("+clip=")
+            reference = "alone" + sep + clip
             alone = {r["seed"]: r["score"] for r in rows if r["task"] == base and r["setting"] == reference}
             runs = sorted((r for r in rows if r["task"] == task and r["setting"] == setting), key=lambda r: r["seed"])
             if not runs:

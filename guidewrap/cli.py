@@ -225,7 +225,11 @@ def _demo_table(results: list[Any], variants: list[str], descriptions: dict[str,
     )
     if "baseline" in by_variant and "guided" in by_variant:
         base, guided = by_variant["baseline"], by_variant["guided"]
-        diffs = [guided[s].test_acc - base[s].test_acc for s in seeds if s in base and s in guided]
+
+        def differences(score: str) -> list[float]:  # guided - baseline per seed, at one score
+            return [getattr(guided[s], score) - getattr(base[s], score) for s in seeds if s in base and s in guided]
+
+        diffs = differences("test_acc")
         if len(diffs) > 1:
             mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
             se = sd / math.sqrt(len(diffs))
@@ -237,7 +241,7 @@ def _demo_table(results: list[Any], variants: list[str], descriptions: dict[str,
                 f"paired guided - baseline (same seed, same batches): {mean:+.3f} (SE {se:.3f}); "
                 f"per seed {' / '.join(f'{d:+.3f}' for d in diffs)}"
             )
-            finals = [guided[s].final_test_acc - base[s].final_test_acc for s in seeds if s in base and s in guided]
+            finals = differences("final_test_acc")
             lines.append(
                 f"at the final step: {statistics.fmean(finals):+.3f} "
                 f"(SE {statistics.stdev(finals) / math.sqrt(len(finals)):.3f}); "

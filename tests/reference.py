@@ -1,4 +1,5 @@
-"""Textbook reference implementations, for tests and benchmarks only.
+"""Textbook reference implementations, for tests and benchmarks only (and the official example
+scripts' data steps the integration tests reproduce).
 
 These follow the definitions literally (Gram recomputed for every HSIC, n x n centring
 matrix ``H = I - 11^T / n``), the way the guidance paper's published code does, and are
@@ -88,3 +89,19 @@ def capture_outputs(
         for handle in handles:
             handle.remove()
     return out
+
+
+def run_clm_group_texts(block_size: int) -> Callable[[dict[str, list]], dict[str, list]]:
+    """transformers' run_clm.py ``group_texts``: concatenate a batch of tokenized texts, cut it into
+    ``block_size`` blocks (the remainder dropped) and set ``labels`` to the ``input_ids``."""
+
+    def group_texts(examples: dict[str, list]) -> dict[str, list]:
+        concatenated = {k: [token for row in rows for token in row] for k, rows in examples.items()}
+        total_length = (len(concatenated["input_ids"]) // block_size) * block_size
+        result = {
+            k: [t[i : i + block_size] for i in range(0, total_length, block_size)] for k, t in concatenated.items()
+        }
+        result["labels"] = result["input_ids"].copy()
+        return result
+
+    return group_texts

