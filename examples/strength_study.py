@@ -33,6 +33,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -275,16 +276,16 @@ def _running(values: list[float], pick: Any) -> list[float]:
     return out
 
 
-def report(out: Path, settings: list[str]) -> str:
-    """The Strength table: per task and setting, score per seed, the paired difference vs alone with its
-    standard error and seeds better, and the runs that collapsed late."""
+def report(out: Path, settings: list[str], tasks: Collection[str] = TASKS) -> str:
+    """The Strength table: per task (of ``tasks``) and setting, score per seed, the paired difference vs
+    alone with its standard error and seeds better, and the runs that collapsed late."""
     rows = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(out.glob("*.json"))]
     header = (
         "| task | setting | score (final step) | per seed | vs alone | SE | seeds better | selected (mean) "
         "| late collapse |"
     )
     lines = [header, "|---|---|---|---|---|---|---|---|---|"]
-    for task in TASKS:
+    for task in (t for t in TASKS if t in tasks):
         base = ALONE_OF.get(task, task)
         for setting in dict.fromkeys(("alone", *settings)):
             # a "+clip=C" setting is paired with the target alone under the same clipping
@@ -341,6 +342,6 @@ if __name__ == "__main__":
     a = parser.parse_args()
     torch.set_num_threads(a.threads)
     if a.report:
-        print(report(a.out, [s for s in a.settings if s != "alone"]))
+        print(report(a.out, [s for s in a.settings if s != "alone"], a.tasks))
     else:
         main(a.tasks, a.settings, a.seeds, a.out)

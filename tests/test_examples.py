@@ -109,6 +109,7 @@ def test_strength_study_settings_report_and_collapse_rule(tmp_path: Path) -> Non
         (tmp_path / f"copy__{setting}__{seed}.json").write_text(json.dumps(record))
     table = study.report(tmp_path, ["default"])
     assert "| copy | default | 0.525 +- 0.106 | 0.600 / 0.450 | +0.075 | 0.025 | 2 / 2 |" in table
+    assert "| copy |" not in study.report(tmp_path, ["default"], tasks=["demo"])  # a post-hoc table's tasks only
 
 
 def test_collapse_trace_records_every_step() -> None:
