@@ -92,6 +92,15 @@ def paired(a: dict[int, dict], b: dict[int, dict], key: str = "test_acc") -> tup
     return seeds, [a[s][key] - b[s][key] for s in seeds]
 
 
+def _paired_summary(diffs: list[float], ratio: bool = False) -> str:
+    """Mean paired difference, its SE (and the mean in SEs), per seed, and the seeds positive."""
+    mean, se = statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
+    in_se = f", {mean / se if se > 0 else math.inf:.1f} SE" if ratio else ""
+    per_seed = " / ".join(f"{d:+.3f}" for d in diffs)
+    positive = f"{sum(d > 0 for d in diffs)}/{len(diffs)} seeds positive"
+    return f"{mean:+.4f} (SE {se:.4f}{in_se}); per seed {per_seed}; {positive}"
+
+
 def report(out: Path, png: Path | None) -> str:
     runs = load_runs(out)
     lines = []
@@ -119,20 +128,10 @@ def report(out: Path, png: Path | None) -> str:
             seeds, diffs = paired(by_variant[variant], by_variant["baseline"])
             if len(diffs) < 2:
                 continue
-            mean, se = statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
-            ratio = mean / se if se > 0 else math.inf
-            per_seed = " / ".join(f"{d:+.3f}" for d in diffs)
-            lines.append("")
-            lines.append(
-                f"{variant} - baseline, paired over seeds {seeds}: {mean:+.4f} (SE {se:.4f}, "
-                f"{ratio:.1f} SE); per seed {per_seed}; {sum(d > 0 for d in diffs)}/{len(diffs)} seeds positive"
-            )
             _, finals = paired(by_variant[variant], by_variant["baseline"], "final_test_acc")
-            lines.append(
-                f"at the final step: {statistics.fmean(finals):+.4f} (SE "
-                f"{statistics.stdev(finals) / math.sqrt(len(finals)):.4f}); per seed "
-                f"{' / '.join(f'{d:+.3f}' for d in finals)}; {sum(d > 0 for d in finals)}/{len(finals)} seeds positive"
-            )
+            lines.append("")
+            lines.append(f"{variant} - baseline, paired over seeds {seeds}: {_paired_summary(diffs, ratio=True)}")
+            lines.append(f"at the final step: {_paired_summary(finals)}")
         lines.append("")
     text = "\n".join(lines)
     if png is not None:

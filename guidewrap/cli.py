@@ -296,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
 
     demo = sub.add_parser("demo", help="deep MLP alone / guided / pre-aligned / distilled on MNIST-1D (offline)")
+    # Literal defaults (guidewrap.tasks' DEMO_* constants; a test keeps them equal): the parser stays torch-free.
     demo.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to run (default 0 1 2)")
     demo.add_argument("--steps", type=int, default=1000, help="training steps per run (default 1000)")
     demo.add_argument(

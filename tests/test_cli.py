@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from guidewrap.analysis import similarity_matrix
-from guidewrap.cli import main
-from guidewrap.tasks import cnn1d, deep_mlp, load_mnist1d, train_variant
+from guidewrap.cli import build_parser, main
+from guidewrap.tasks import DEMO_CLIP, DEMO_STEPS, DEMO_WEIGHT, cnn1d, deep_mlp, load_mnist1d, train_variant
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -40,6 +40,11 @@ def test_demo_table_reports_the_final_step_beside_the_selected_one() -> None:
     assert "| 0.110 / 0.200 |" in table and "| 0.500 / 0.520 |" in table  # final test acc per seed
     assert "at the final step: -0.355 (SE 0.035); per seed -0.390 / -0.320" in table
     assert "but not at the final step" in table  # the verdict does not hide the fall
+
+
+def test_demo_defaults_are_the_tasks_constants() -> None:
+    args = build_parser().parse_args(["demo"])
+    assert (args.steps, args.weight, args.clip) == (DEMO_STEPS, DEMO_WEIGHT, DEMO_CLIP)
 
 
 def test_demo_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
