@@ -11,10 +11,12 @@ from the same initial weights:
 - ``init_noise``: guidance as initialisation only (``pre_align`` on noise for 300 steps), then alone;
 - ``distill_untrained`` / ``distill_trained``: logit distillation (T = 4) from the same ResNets;
 
-and a deep plain ConvNet (no residual connections, no normalisation: it underfits) alone, guided by the
-untrained and by the trained ResNet-18. Every run is saved as JSON the moment it finishes (an
-interrupted study resumes); ``--report`` prints the tables and the error consistency and draws the
-validation-loss curves.
+a deep plain ConvNet (no residual connections, no normalisation: it underfits) alone, guided by the
+untrained and by the trained ResNet-18; and the paper's deep ConvNet at this scale (``nores_*``:
+ResNet-18 with its residual additions removed and BatchNorm kept in every block, as the published
+code's "NoResNet-50" is ResNet-50's), alone and guided by the same two ResNet-18s. Every run is saved
+as JSON the moment it finishes (an interrupted study resumes); ``--report`` prints the tables and the
+error consistency and draws the validation-loss curves.
 
     make data                                   # apt-get install -y dataset-fashion-mnist
     python examples/fashion_mnist.py --seeds 0 1 2 --out runs/fashion
@@ -47,6 +49,7 @@ from guidewrap.tasks import fit, random_batches  # noqa: E402
 
 FCN_VARIANTS = ("alone", "guided_untrained", "guided_trained", "init_noise", "distill_untrained", "distill_trained")
 CONV_VARIANTS = ("conv_alone", "conv_guided_untrained", "conv_guided_trained")
+NORES_VARIANTS = ("nores_alone", "nores_guided_untrained", "nores_guided_trained")
 
 
 def deep_fcn(depth: int = 16, width: int = 256, dropout: float = 0.1, d_in: int = 784) -> nn.Sequential:
@@ -67,6 +70,28 @@ def plain_convnet(depth: int = 20, channels: int = 16) -> nn.Sequential:
         layers += [nn.Conv2d(c_in, channels, 3, stride=stride, padding=1), nn.ReLU()]
         c_in = channels
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10))
+
+
+class _PlainBlock(nn.Module):
+    """A ResNet basic block with its residual addition removed: conv-BN-ReLU-conv-BN-ReLU (the published
+    code's NoResNet keeps every BatchNorm and drops the skips, the downsampling shortcut with them)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.conv2, self.bn2 = block.conv1, block.bn1, block.conv2, block.bn2
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+def noresnet18_gray() -> nn.Module:
+    """The paper's deep ConvNet at Fashion-MNIST scale: torchvision's ResNet-18 (one-channel stem, random
+    weights) with every block's residual addition removed and its BatchNorm kept."""
+    net = resnet18_gray()
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        layer = getattr(net, name)
+        setattr(net, name, nn.Sequential(*(_PlainBlock(block) for block in layer)))
+    return net
 
 
 def resnet18_gray() -> nn.Module:
@@ -98,10 +123,11 @@ def train(
     mode: str = "none",
     weight: float = 1.0,
     reduction: str = "sum",
-    strength: float | None = None,
+    extra: dict | None = None,
 ) -> dict:
     """Adam 1e-3 on cross-entropy (+ guidance or distillation) through the package's training loop
-    (:func:`guidewrap.tasks.fit`, no clipping); the curves and the final predictions."""
+    (:func:`guidewrap.tasks.fit`, no clipping); the curves and the final predictions. ``extra``: further
+    guidance settings (``strength``, ``tensor_cap``, ...) of a guided run."""
     curve = []
 
     def record(step: int) -> None:
@@ -114,8 +140,8 @@ def train(
     draw = random_batches(data["x"], data["y"], batch, seed)
     # Pinned (the level and sum measured in docs/results.md), whatever the library's defaults.
     guidance = {"weight": weight, "layers": "sublayers", "reduction": reduction} if mode == "guided" else {}
-    if strength is not None and mode == "guided":
-        guidance |= {"weight": 1.0, "strength": strength}
+    if extra and mode == "guided":
+        guidance |= extra
     fit(target, draw, nn.functional.cross_entropy, steps, guide, mode, clip=None, callback=record, **guidance)
     test_acc, test_loss, pred = evaluate(target, data["x_test"], data["y_test"])
     last = curve[-1]
@@ -152,8 +178,11 @@ def trained_guide(data: dict[str, Tensor], out: Path, steps: int, batch: int) ->
 
 def run_one(variant: str, seed: int, data: dict[str, Tensor], trained: nn.Module, cfg: argparse.Namespace) -> dict:
     torch.manual_seed(seed)
-    conv = variant.startswith("conv_")
-    target = plain_convnet(cfg.conv_depth, cfg.conv_channels) if conv else deep_fcn(cfg.depth, cfg.width)
+    conv = variant.startswith(("conv_", "nores_"))
+    if variant.startswith("nores_"):
+        target = noresnet18_gray()
+    else:
+        target = plain_convnet(cfg.conv_depth, cfg.conv_channels) if conv else deep_fcn(cfg.depth, cfg.width)
     torch.manual_seed(10_000 + seed)
     untrained = resnet18_gray().eval()
     guide = trained if variant.endswith("_trained") else untrained
@@ -163,8 +192,8 @@ def run_one(variant: str, seed: int, data: dict[str, Tensor], trained: nn.Module
         ).pre_align(data["x"][: cfg.batch], steps=cfg.init_steps)
     mode = "guided" if "guided" in variant else "distill" if "distill" in variant else "none"
     steps = cfg.conv_steps if conv else cfg.steps
-    strength = getattr(cfg, "strength", None)
-    return train(target, data, seed, steps, cfg.batch, cfg.eval_every, guide, mode, cfg.weight, cfg.reduction, strength)
+    extra = getattr(cfg, "guidance", None)  # further guidance settings (the strength and tensor-cap studies)
+    return train(target, data, seed, steps, cfg.batch, cfg.eval_every, guide, mode, cfg.weight, cfg.reduction, extra)
 
 
 def smoke_data(folder: Path) -> Path:
@@ -185,7 +214,7 @@ def _parser() -> argparse.ArgumentParser:
         "--data-dir", help="folder with the four Fashion-MNIST IDX files (default: the Debian package's)"
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=list(FCN_VARIANTS + CONV_VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(FCN_VARIANTS + CONV_VARIANTS + NORES_VARIANTS))
     parser.add_argument("--train-samples", type=int, default=5000)
     parser.add_argument("--steps", type=int, default=800, help="FCN training steps")
     parser.add_argument("--conv-steps", type=int, default=600)
@@ -225,7 +254,7 @@ def main(argv: list[str] | None = None, smoke: bool = False) -> list[dict]:
         return []
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    unknown = set(cfg.variants) - set(FCN_VARIANTS + CONV_VARIANTS)
+    unknown = set(cfg.variants) - set(FCN_VARIANTS + CONV_VARIANTS + NORES_VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}")
     val = 48 if cfg.smoke else 5000
@@ -274,7 +303,7 @@ def report(out: Path, png: Path | None) -> str:
     columns = ("train_acc", "test_acc", "gap", "val_loss", "min_val_loss")
     lines.append("| variant | " + " | ".join(columns) + " | test acc per seed |")
     lines.append("|---|" + "---|" * (len(columns) + 1))
-    for variant in [v for v in FCN_VARIANTS + CONV_VARIANTS if v in runs]:
+    for variant in [v for v in FCN_VARIANTS + CONV_VARIANTS + NORES_VARIANTS if v in runs]:
         rows = runs[variant]
         cells = [_fmt([rows[s][c] for s in sorted(rows)]) for c in columns]
         per_seed = " / ".join(f"{s}: {rows[s]['test_acc']:.3f}" for s in sorted(rows))
@@ -286,7 +315,7 @@ def report(out: Path, png: Path | None) -> str:
         lines.append("| model | error consistency with the trained ResNet-18 (kappa), per seed | mean |")
         lines.append("|---|---|---|")
         labels = guide["test_labels"]
-        for variant in [v for v in FCN_VARIANTS + CONV_VARIANTS if v in runs]:
+        for variant in [v for v in FCN_VARIANTS + CONV_VARIANTS + NORES_VARIANTS if v in runs]:
             kappas = [
                 error_consistency(runs[variant][s]["test_pred"], guide["test_pred"], labels)
                 for s in sorted(runs[variant])

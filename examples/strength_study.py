@@ -6,15 +6,19 @@ initial weights on the same batches:
 - ``default``: the library's default weighting, weight 1 on the mean over pairs;
 - ``paper``: weight 1 on the sum over pairs (the paper's loss);
 - ``strength=R``: the weight set from the gradients so that the term's pull is R times the task's
-  (on the mean over pairs; docs/concepts/strength.md).
+  (on the mean over pairs; docs/concepts/strength.md);
+- ``cap=C@K``: the default weighting with the term's pull capped at C in every trainable tensor from
+  guided step K on (``tensor_cap=C, tensor_cap_after=K``; docs/concepts/strength.md).
 
 Tasks (the guide untrained unless the name says ``trained``): ``demo`` (the demo's MLP <- 1-D CNN on
-MNIST-1D over the demo's six pairs, scored like the demo), ``copy`` / ``copy-trained`` (4-layer tanh
-RNN <- 4-layer Transformer, 500 steps), ``lm`` / ``lm-trained`` (the character LM, 1,000 steps),
-``fcn`` / ``fcn-trained`` / ``fcn-init`` (Fashion-MNIST deep FCN <- ResNet-18, 800 steps; ``init``:
-300 steps of noise alignment, then alone), ``conv`` / ``conv-trained`` (the plain 20-layer ConvNet,
-600 steps), ``parity`` (``--features last``: one pair, so ``default`` and ``paper`` are one run),
-``lstm<-gpt2`` / ``gpt2<-lstm`` (300 steps) and ``lstm<-minilm`` (the pretrained MiniLM, 300 steps).
+MNIST-1D over the demo's six pairs, scored like the demo), ``copy`` / ``copy-trained`` (4-layer tanh RNN
+<- 4-layer Transformer, 500 steps), ``lm`` / ``lm-trained`` (the character LM, 1,000 steps), ``fcn`` /
+``fcn-trained`` / ``fcn-init`` (Fashion-MNIST deep FCN <- ResNet-18, 800 steps; ``init``: 300 steps of
+noise alignment, then alone), ``conv`` / ``conv-trained`` (the plain 20-layer ConvNet, 600 steps),
+``nores`` / ``nores-trained`` (the paper's deep ConvNet at this scale: ResNet-18 without its residual
+additions, BatchNorm kept, guided by ResNet-18, 400 steps), ``parity`` (``--features last``: one pair,
+so ``default`` and ``paper`` are one run), ``lstm<-gpt2`` / ``gpt2<-lstm`` (300 steps) and
+``lstm<-minilm`` (the pretrained MiniLM, 300 steps).
 
 Every run is saved as JSON when it finishes (an interrupted study resumes), with its final score, its
 checkpoint-selected score where the task selects one, and its training curve (training accuracy per
@@ -56,11 +60,15 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 TASKS = (
     "demo", "copy", "copy-trained", "lm", "lm-trained", "fcn", "fcn-trained", "fcn-init", "conv", "conv-trained",
-    "parity", "lstm<-gpt2", "gpt2<-lstm", "lstm<-minilm",
+    "nores", "nores-trained", "parity", "lstm<-gpt2", "gpt2<-lstm", "lstm<-minilm",
 )  # fmt: skip
 HIGHER_IS_BETTER = {t: not (t.startswith(("lm", "lstm", "gpt2"))) for t in TASKS}
 # Tasks whose target alone is another task's (same target, same batches): "alone" is run once, there.
-ALONE_OF = {"copy-trained": "copy", "lm-trained": "lm", "fcn-trained": "fcn", "fcn-init": "fcn", "conv-trained": "conv"}
+ALONE_OF = {"copy-trained": "copy", "lm-trained": "lm", "fcn-trained": "fcn", "fcn-init": "fcn", "conv-trained": "conv",
+            "nores-trained": "nores"}  # fmt: skip
+# Guidance settings passed through to the library beside the weighting (strength, the per-tensor cap).
+PASSED = ("strength", "tensor_cap", "tensor_cap_after")
+NORES_STEPS = 400  # about ten CPU-minutes a run on one thread
 DEMO_SEEDS = (0, 1, 2, 3, 4)
 GUIDES = Path("runs/strength-guides")  # trained guides, trained once per seed (large: kept out of --out)
 
@@ -95,7 +103,8 @@ def _demo(setting: dict | None, seed: int, out: Path) -> dict:
         r = train_variant("baseline", data, seed=seed, clip=clip)
     else:
         keys = {"weight": setting.get("weight", 1.0), "reduction": setting["reduction"]}
-        r = train_variant("guided", data, seed=seed, strength=setting.get("strength"), clip=clip, **keys)
+        keys |= {k: setting[k] for k in PASSED if k in setting}
+        r = train_variant("guided", data, seed=seed, clip=clip, **keys)
     final = r.curve[-1]
     return {"score": final[3], "selected": r.test_acc, "selected_step": r.best_step,
             "curve": [(s, tr) for s, tr, _, _ in r.curve], "curve_kind": "train_acc"}  # fmt: skip
@@ -152,16 +161,17 @@ def _fashion(task: str, setting: dict | None, seed: int, out: Path) -> dict:
     data = fashion_mnist.load_fashion_mnist(None, cfg.train_samples)
     GUIDES.mkdir(parents=True, exist_ok=True)
     trained = fashion_mnist.trained_guide(data, GUIDES, cfg.guide_steps, cfg.batch)
-    conv = task.startswith("conv")
+    family = "conv_" if task.startswith("conv") else "nores_" if task.startswith("nores") else ""
     if setting is None:
-        variant = "conv_alone" if conv else "alone"
+        variant = family + "alone"
     elif task == "fcn-init":
         variant = "init_noise"
     else:
-        variant = ("conv_guided" if conv else "guided") + ("_trained" if task.endswith("trained") else "_untrained")
+        variant = family + "guided" + ("_trained" if task.endswith("trained") else "_untrained")
+    cfg.conv_steps = NORES_STEPS if family == "nores_" else cfg.conv_steps
     cfg.weight = (setting or SETTINGS["paper"]).get("weight", 1.0)
     cfg.reduction = (setting or SETTINGS["paper"])["reduction"]
-    cfg.strength = (setting or {}).get("strength")
+    cfg.guidance = {k: (setting or {})[k] for k in PASSED if k in (setting or {})}
     r = fashion_mnist.run_one(variant, seed, data, trained, cfg)
     return {"score": r["test_acc"], "curve": [(c["step"], c["train_acc"]) for c in r["curve"]],
             "curve_kind": "train_acc"}  # fmt: skip
@@ -224,6 +234,9 @@ def setting_of(name: str) -> dict[str, Any] | None:
         return extra or None
     if name.startswith("strength="):
         return {"strength": float(name.removeprefix("strength=")), "reduction": "mean"} | extra
+    if name.startswith("cap="):
+        cap, _, after = name.removeprefix("cap=").partition("@")
+        return SETTINGS["default"] | {"tensor_cap": float(cap), "tensor_cap_after": int(after or 100)} | extra
     return SETTINGS[name] | extra
 
 
@@ -237,7 +250,7 @@ def run_one(task: str, setting_name: str, seed: int, out: Path) -> dict:
         row = _copy(setting, seed, out, trained=task == "copy-trained")
     elif task.startswith(("lm", "gpt2")) or task == "lstm<-gpt2":
         row = _text_task(task, setting, seed, out)
-    elif task.startswith(("fcn", "conv")):
+    elif task.startswith(("fcn", "conv", "nores")):
         row = _fashion(task, setting, seed, out)
     elif task == "parity":
         row = _parity(setting, seed, out)
@@ -333,7 +346,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument(
-        "--settings", nargs="+", default=["alone", *SETTINGS], help="alone, default, paper, strength=R (e.g. 0.3)"
+        "--settings", nargs="+", default=["alone", *SETTINGS], help="alone, default, paper, strength=R, cap=C@K"
     )
     parser.add_argument("--seeds", type=int, nargs="+", help="default: 0-2 (the demo: 0-4)")
     parser.add_argument("--threads", type=int, default=1)

@@ -59,6 +59,15 @@ class GuidanceConfig:
             warned about when over 10 or under 0.01.
         strength_every: guided steps between measurements of the pull (each costs two backward
             passes through the target).
+        tensor_cap: cap the term's pull tensor by tensor: from the ``tensor_cap_after``-th guided step
+            on, the term's gradient in every trainable tensor of the target is at most ``tensor_cap``
+            times the task loss's gradient in that tensor, and a tensor's optimizer state (Adam's
+            moments) is cleared when the cap first binds on it. Needs the task loss, like
+            ``strength``. ``None`` (default): uncapped; the tensor pulls are measured once after
+            ``tensor_cap_after`` guided steps and a term still over 100 times the task's in some
+            tensor warns. See ``docs/concepts/strength.md``.
+        tensor_cap_after: guided steps before the cap applies (the early, uncapped pull is where
+            guidance makes its gains), and when the warning's one measurement is taken.
         reduction: how per-pair distances combine: ``"mean"`` (weight times their mean, so the
             term's scale does not grow with the number of pairs) or ``"sum"`` (the paper's).
             ``None`` (default): ``"sum"`` with ``layers="paper"``, else ``"mean"``.
@@ -97,6 +106,8 @@ class GuidanceConfig:
     weight: float = 1.0
     strength: float | None = None
     strength_every: int = 25
+    tensor_cap: float | None = None
+    tensor_cap_after: int = 100
     reduction: str | None = None
     start_step: int = 0
     until_step: int | None = None
@@ -150,6 +161,15 @@ class GuidanceConfig:
                     f"strength={self.strength} sets the weight from the gradients; weight={self.weight} would fix it "
                     "too: give one of them"
                 )
+        if self.tensor_cap is not None and (
+            isinstance(self.tensor_cap, bool)
+            or not isinstance(self.tensor_cap, (int, float))
+            or not (math.isfinite(self.tensor_cap) and self.tensor_cap > 0)
+        ):
+            raise ConfigError(f"tensor_cap must be a finite number > 0 (e.g. 1.0) or None, got {self.tensor_cap!r}")
+        after = self.tensor_cap_after
+        if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+            raise ConfigError(f"tensor_cap_after must be an integer >= 0 (guided steps), got {after!r}")
         if not isinstance(self.strength_every, int) or isinstance(self.strength_every, bool) or self.strength_every < 1:
             raise ConfigError(f"strength_every must be an integer >= 1, got {self.strength_every!r}")
         if self.max_features is not None and (not isinstance(self.max_features, int) or self.max_features < 1):

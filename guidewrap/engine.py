@@ -42,7 +42,7 @@ from .errors import ConfigError, GuideRequiresGradError, GuidewrapWarning, PlanE
 from .hooks import HookSet, watch_double_count
 from .inputs import distinct_samples, float_dtype, noise_call
 from .matching import LayerPlan
-from .outputs import add_to_loss, output_loss
+from .outputs import add_to_loss, output_loss, set_loss
 from .planner import Planner
 from .readout import Readout
 from .step import GuidedStep
@@ -53,7 +53,7 @@ from .utils import unwrap_model
 __all__ = ["GuidanceEngine"]
 
 _NEEDS_TASK_LOSS = (
-    "strength={} sets the term's weight from the task loss's gradient, so the term needs the task loss: "
+    "{} sets the term's weight from the task loss's gradient, so the term needs the task loss: "
     "loss = guided.total_loss(task_loss) (or use outputs.loss of a model given labels, or guide_trainer); "
     "alignment_loss alone cannot be weighted"
 )
@@ -89,7 +89,9 @@ class GuidanceEngine:
         self._guide_slot = SinkSlot()
         self._step: GuidedStep | None = None
         self.busy = False  # set while the engine itself runs the target (probe, noise pass)
-        self.strength = StrengthController(config.strength, config.strength_every)
+        self.strength = StrengthController(
+            config.strength, config.strength_every, config.tensor_cap, config.tensor_cap_after
+        )
         self.term_in_output = False  # the last forward's output loss holds the term
         self._double_count_checks = 3
         self._warned_tiny_batch = False
@@ -160,7 +162,7 @@ class GuidanceEngine:
         """Weighted alignment term of the last forward (0 when guidance was off)."""
         loss = self.strength.loss
         if loss is None and self.strength.term is not None:
-            raise ConfigError(_NEEDS_TASK_LOSS.format(self.strength.strength))
+            raise ConfigError(_NEEDS_TASK_LOSS.format(self._weighing()))
         return loss if loss is not None else torch.zeros(())
 
     @property
@@ -183,7 +185,8 @@ class GuidanceEngine:
         the task loss it was weighed against when one was given (``guidance_task_loss``)."""
         loss = float(self.strength.loss.detach()) if self.strength.loss is not None else 0.0
         task = self.strength.task_loss
-        return self.readout.values(loss, self.weight, self.strength.pull, None if task is None else float(task))
+        values = self.readout.values(loss, self.weight, self.strength.pull, None if task is None else float(task))
+        return values | self.strength.tensors.values()
 
     def metrics(self) -> dict[str, float]:
         """Deprecated name of :meth:`guidance_metrics`."""
@@ -231,23 +234,42 @@ class GuidanceEngine:
                 self.steps.check_window_can_end(self.readout.guided_forwards)
         self.strength.hold(term, weight)
         task = output_loss(output) if self.config.add_to_output_loss else None
-        loss = None
-        if isinstance(task, Tensor) or self.strength.strength is None:  # else: weighed by term_for(task)
-            loss = self.term_for(task if isinstance(task, Tensor) else None)
         self.term_in_output = False
-        if self.config.add_to_output_loss and loss is not None:
+        if isinstance(task, Tensor):  # the total in force against the output's own loss
+            loss = self.term_for(task)
+            output, with_term = set_loss(output, self.total_for(task))
+        elif self.config.add_to_output_loss and not self.needs_task_loss():  # else: weighed by total_for(task)
+            loss = self.term_for(None)
             output, with_term = add_to_loss(output, loss)
-            self.term_in_output = with_term is not None
-            checking = self._double_count_checks and not torch.compiler.is_compiling()  # a diagnostic only
-            if with_term is not None and checking and loss.requires_grad:
-                self._double_count_checks -= 1  # the first steps show the pattern; later ones cost nothing
-                watch_double_count(with_term, loss)
+        else:
+            return output
+        self.term_in_output = with_term is not None
+        checking = self._double_count_checks and not torch.compiler.is_compiling()  # a diagnostic only
+        if with_term is not None and checking and loss is not None and loss.requires_grad:
+            self._double_count_checks -= 1  # the first steps show the pattern; later ones cost nothing
+            watch_double_count(with_term, loss)
         return output
+
+    def _weighing(self) -> str:
+        cap = self.config.tensor_cap
+        return f"strength={self.config.strength}" if cap is None else f"tensor_cap={cap}"
+
+    def needs_task_loss(self) -> bool:
+        """Whether the term is weighed against the task loss (strength or a per-tensor cap)."""
+        return self.strength.strength is not None or self.config.tensor_cap is not None
+
+    def total_for(self, task_loss: Tensor) -> Tensor:
+        """``task_loss`` plus the last guided forward's term in force against it (its pull measured when
+        due, capped tensor by tensor with ``tensor_cap``); ``task_loss`` itself if unguided."""
+        return self.strength.total(task_loss, self._trainable, self.target, self.steps.optimizers)
+
+    def _trainable(self) -> list[Tensor]:
+        return [p for p in self.target.parameters() if p.requires_grad]
 
     def term_for(self, task_loss: Tensor | None) -> Tensor | None:
         """The last guided forward's term in force against ``task_loss`` (its pull measured when due:
         the strength controller's weight, or the fixed weight's one-time check); None if unguided."""
-        return self.strength.in_force(task_loss, lambda: [p for p in self.target.parameters() if p.requires_grad])
+        return self.strength.in_force(task_loss, self._trainable)
 
     def abort(self) -> None:
         """Forget the open step (a forward that raised, or a new one starting)."""

@@ -69,8 +69,7 @@ class GuidanceInterface:
                 "this forward's output loss already holds the alignment term (outputs.loss of a model given "
                 "labels): use outputs.loss as it is, not total_loss(outputs.loss)"
             )
-        term = engine.term_for(task_loss)
-        return task_loss if term is None else task_loss + term.to(task_loss.device, task_loss.dtype)
+        return engine.total_for(task_loss)
 
     @property
     def last_alignment(self) -> dict[str, float]:

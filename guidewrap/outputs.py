@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .errors import GuidewrapWarning
 
-__all__ = ["add_to_loss", "output_loss"]
+__all__ = ["add_to_loss", "output_loss", "set_loss"]
 
 
 def output_loss(output: Any) -> Any:
@@ -49,7 +49,22 @@ def add_to_loss(output: Any, term: Tensor) -> tuple[Any, Tensor | None]:
     loss = output_loss(output)
     if loss is None:
         return output, None
-    new = loss + term.to(loss.device, loss.dtype) if isinstance(loss, Tensor) else loss + term
+    return set_loss(output, loss + term.to(loss.device, loss.dtype) if isinstance(loss, Tensor) else loss + term)
+
+
+def set_loss(output: Any, new: Any) -> tuple[Any, Any]:
+    """``(output with its loss replaced by new, new)``; ``(output, None)`` when the output carries no
+    loss or its loss cannot be set (said in a warning). A namedtuple or frozen dataclass is replaced
+    by a copy.
+
+    Examples:
+        >>> import torch
+        >>> out, loss = set_loss({"loss": torch.tensor(1.0)}, torch.tensor(3.0))
+        >>> float(out["loss"])
+        3.0
+    """
+    if output_loss(output) is None:
+        return output, None
     if isinstance(output, Mapping):
         output["loss"] = new  # type: ignore[index]
         return output, new

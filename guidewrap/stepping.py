@@ -46,17 +46,25 @@ class StepCounter:
         self.step_weight = torch.tensor(schedule.weight_at(0))
         self.on_step: Callable[[int], None] | None = None
         self.hooks = HookSet()  # step post-hooks on optimizers
+        self.optimizers: list[torch.optim.Optimizer] = []  # attached ones (a tensor cap clears their state)
         # Something advances the counter (an optimizer, step() calls, the Trainer's callback);
         # without it a finite window never ends, which check_window_can_end says once.
         self.has_source = False
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy is not attached to the original's optimizer, nor reports to its wrapper.
-        return dict(self.__dict__) | {"hooks": HookSet(), "on_step": None}
+        return dict(self.__dict__) | {"hooks": HookSet(), "on_step": None, "optimizers": []}
 
     def attach_optimizer(self, optimizer: Any, advance: Callable[[], None]) -> None:
         """Call ``advance()`` after each ``optimizer.step()`` (Accelerate's ``AcceleratedOptimizer``
         and similar wrappers are unwrapped, so steps skipped under gradient accumulation do not count)."""
+        opt = self.remember_optimizer(optimizer)
+        self.hooks.add(opt.register_step_post_hook(lambda *_: advance()))
+        self.has_source = True
+
+    def remember_optimizer(self, optimizer: Any) -> torch.optim.Optimizer:
+        """Keep the torch optimizer inside ``optimizer`` (a tensor cap clears the state of the tensors
+        it caps; integrations whose trainer counts the steps pass theirs here); returns it."""
         opt = optimizer
         while not isinstance(opt, torch.optim.Optimizer):
             inner = getattr(opt, "optimizer", None)
@@ -67,8 +75,9 @@ class StepCounter:
             raise ConfigError(
                 f"optimizer must be a torch.optim.Optimizer (or wrap one), got {type(optimizer).__name__}"
             )
-        self.hooks.add(opt.register_step_post_hook(lambda *_: advance()))
-        self.has_source = True
+        if all(opt is not known for known in self.optimizers):
+            self.optimizers.append(opt)
+        return opt
 
     def advance(self) -> None:
         """One optimizer step."""

@@ -33,11 +33,12 @@ import torch
 from torch import Tensor
 
 from .errors import GuidewrapWarning
+from .tensor_cap import TensorCap
 
 __all__ = ["StrengthController"]
 
-# A fixed weight whose pull is outside these bounds warns (the term swamps the task, or barely registers).
-PULL_TOO_STRONG, PULL_TOO_WEAK = 10.0, 0.01
+# A fixed weight whose pull is under this warns (the term barely registers).
+PULL_TOO_WEAK = 0.01
 
 
 class StrengthController:
@@ -50,7 +51,7 @@ class StrengthController:
     ``every``, ``2 every``, ...).
     """
 
-    def __init__(self, strength: float | None, every: int) -> None:
+    def __init__(self, strength: float | None, every: int, tensor_cap: float | None = None, after: int = 100) -> None:
         self.strength = strength
         self.every = every
         self.scale = 1.0
@@ -64,15 +65,17 @@ class StrengthController:
         self.loss: Tensor | None = None
         self._weighed = False
         self.task_loss: Tensor | None = None  # the task loss it was weighed against (detached), to log
+        self.tensors = TensorCap(tensor_cap, after)  # the pull tensor by tensor: the cap, or the warning
+        self._total: Tensor | None = None  # the last forward's total loss (task loss plus the term in force)
 
     def __getstate__(self) -> dict[str, Any]:
         # never a step's graph or tensors
-        return dict(self.__dict__) | {"term": None, "loss": None, "_weighed": False, "task_loss": None}
+        return dict(self.__dict__) | {"term": None, "loss": None, "_weighed": False, "task_loss": None, "_total": None}
 
     def hold(self, term: Tensor | None, schedule_weight: float | Tensor = 1.0) -> None:
         """Keep the last guided forward's term (``None``: forget it) until it is weighed."""
         self.term, self.term_weight, self.loss, self._weighed = term, schedule_weight, None, False
-        self.task_loss = None
+        self.task_loss, self._total = None, None
 
     def in_force(self, task_loss: Tensor | None, params: Callable[[], Sequence[Tensor]]) -> Tensor | None:
         """The held term in force against ``task_loss`` (weighed once per forward against a task loss:
@@ -85,6 +88,18 @@ class StrengthController:
             if task_loss is not None:
                 self.task_loss = task_loss.detach()
         return self.loss
+
+    def total(
+        self, task_loss: Tensor, params: Callable[[], Sequence[Tensor]], target: Any, optimizers: Sequence[Any]
+    ) -> Tensor:
+        """``task_loss`` plus the held term in force against it, the term's gradient capped tensor by
+        tensor when ``tensor_cap`` is in force (once per forward); ``task_loss`` itself if none is held."""
+        term = self.in_force(task_loss, params)
+        if term is None:
+            return task_loss
+        if self._total is None:
+            self._total = self.tensors.total(task_loss, term.to(task_loss.device, task_loss.dtype), target, optimizers)
+        return self._total
 
     def due(self) -> bool:
         """Whether the pull is to be measured: on the first step, then every ``every`` steps."""
@@ -122,31 +137,29 @@ class StrengthController:
             self.scale = self.strength * schedule_weight * task_norm / term_norm
             self.scale_tensor.fill_(self.scale)
         self.pull = self.scale * term_norm / task_norm if task_norm > 0 else math.inf
-        if self.strength is None and not PULL_TOO_WEAK <= self.pull <= PULL_TOO_STRONG:
-            strong = self.pull > PULL_TOO_STRONG
-            what = (
-                "it swamps the task's (measured at such pulls: a plain ConvNet never left chance while the "
-                "demo's MLP gained; docs/results.md 'Strength'). Compare with a run without guidance, lower "
-                "the weight,"
-                if strong
-                else "it barely registers against the task's, so guidance will change little. Raise the weight,"
-            )
+        if self.strength is None and self.pull < PULL_TOO_WEAK:
+            # A strong pull is not warned about here: the first steps may be dominated (the demo's are);
+            # a domination that persists, tensor by tensor, is (tensor_cap.TensorCap).
             warnings.warn(
                 f"the alignment term's gradient is {self.pull:.3g} times the task loss's at weight "
-                f"{schedule_weight:g}: {what} or pass strength=r to hold the term's pull at r times the task's",
+                f"{schedule_weight:g}: it barely registers against the task's, so guidance will change little. "
+                "Raise the weight, or pass strength=r to hold the term's pull at r times the task's",
                 GuidewrapWarning,
                 stacklevel=6,  # the caller of total_loss (plain loops)
             )
 
     def state_dict(self) -> dict[str, Any]:
         """The controller's state (a resumed run continues it exactly)."""
-        return {"scale": self.scale, "pull": self.pull, "since": self.since, "measured": self.measured}
+        state = {"scale": self.scale, "pull": self.pull, "since": self.since, "measured": self.measured}
+        return state | {"tensors": self.tensors.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`."""
         self.scale, self.pull = float(state["scale"]), state.get("pull")
         self.since, self.measured = int(state["since"]), bool(state["measured"])
         self.scale_tensor.fill_(self.scale)
+        if state.get("tensors") is not None:
+            self.tensors.load_state_dict(state["tensors"])
 
 
 def _norms(task_loss: Tensor, term: Tensor, params: Sequence[Tensor]) -> tuple[float, float]:

@@ -306,12 +306,15 @@ def train_variant(
     reduction: str = "sum",
     strength: float | None = None,
     clip: float | None = DEMO_CLIP,
+    tensor_cap: float | None = None,
+    tensor_cap_after: int = 100,
 ) -> RunResult:
     """Train one variant of the demo; its scored result (the module's rule) and curves.
 
     ``baseline``: the MLP alone; ``guided``: plus ``weight * sum(1 - CKA)`` to an untrained CNN over
     ``layers`` (default :data:`DEMO_PAIRS`; ``reduction="mean"`` divides by the pairs; ``strength``
-    sets the weight from the gradients instead of ``weight``; ``clip``: a gradient-norm limit before
+    sets the weight from the gradients instead of ``weight``; ``tensor_cap`` / ``tensor_cap_after`` cap
+    the term's pull per tensor, see :class:`~guidewrap.GuidanceConfig`; ``clip``: a gradient-norm limit before
     each step, :data:`DEMO_CLIP` by default; ``None``: unclipped, as the demo before 0.3); ``pre_align``:
     ``pre_align_steps`` of alignment on noise, then alone; ``distill``: plus logit distillation from
     the same CNN. Variants of a seed start from the same weights and see the same batches.
@@ -345,6 +348,7 @@ def train_variant(
     batches = random_batches(data["x"], data["y"], batch, seed)
     loop = {"lr": lr, "clip": clip, "progress": progress, "callback": evaluate}
     pinned = {"weight": weight, "layers": pairs, "reduction": reduction}  # pinned: library defaults cannot move it
+    pinned |= {"tensor_cap": tensor_cap, "tensor_cap_after": tensor_cap_after}
     if strength is not None:  # the weight set from the gradients instead (docs/concepts/strength.md)
         pinned |= {"weight": 1.0, "strength": strength}
     fit(target, batches, nn.functional.cross_entropy, steps, guide, mode, **loop, **pinned)

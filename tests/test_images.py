@@ -67,7 +67,7 @@ def test_image_study_smoke_runs_every_variant(capsys: pytest.CaptureFixture[str]
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     rows = module.main(smoke=True)
-    assert {r["variant"] for r in rows} == set(module.FCN_VARIANTS + module.CONV_VARIANTS)
+    assert {r["variant"] for r in rows} == set(module.FCN_VARIANTS + module.CONV_VARIANTS + module.NORES_VARIANTS)
     assert all(0 <= r["test_acc"] <= 1 and r["curve"] for r in rows)
     printed = capsys.readouterr().out
     assert "| guided_untrained |" in printed and "error consistency" in printed

@@ -190,7 +190,7 @@ class GuidanceCallback(Callback):
                 "GuidanceCallback needs training_step to return the task loss (a tensor, or a dict with 'loss'); "
                 f"it returned {type(result).__name__}"
             )
-        total = loss + self.engine.term_for(loss).to(loss.dtype)
+        total = self.engine.total_for(loss).to(loss.dtype)
         pl_module.log_dict(self.engine.guidance_metrics(), on_step=True, on_epoch=False)
         return {**result, "loss": total} if isinstance(result, dict) else total
 
@@ -198,6 +198,8 @@ class GuidanceCallback(Callback):
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self.engine.set_step(trainer.global_step)  # a resumed fit continues the window
+        for optimizer in trainer.optimizers:  # a tensor cap clears the state of the tensors it caps
+            self.engine.steps.remember_optimizer(optimizer)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.engine.set_step(trainer.global_step)  # after the window the layer taps are dropped

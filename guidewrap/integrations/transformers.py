@@ -138,9 +138,9 @@ class GuidanceCallback(TrainerCallback):
             loss = result[0] if return_outputs else result
             scale = self._ga_scale(num_items_in_batch)
             # The pull is measured against the task loss as the backward sees it beside the scaled term.
-            term = self.engine.term_for(loss / scale) * scale
+            total = self.engine.total_for(loss / scale) * scale
             self._accumulate()  # guidance_task_loss: the task loss unscaled, as the engine weighed it
-            loss = loss + term.to(loss.dtype)
+            loss = total.to(loss.dtype)
             return (loss, result[1]) if return_outputs else loss
 
         return guided_compute_loss
@@ -154,6 +154,8 @@ class GuidanceCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.engine.set_step(state.global_step)  # resumed runs continue the window
+        if kwargs.get("optimizer") is not None:  # a tensor cap clears the state of the tensors it caps
+            self.engine.steps.remember_optimizer(kwargs["optimizer"])
         records = getattr(state, "stateful_callbacks", None)
         record = records.pop(PLAN_KEY, None) if isinstance(records, dict) else None
         if isinstance(record, dict):  # a resumed checkpoint's plan: a different plan warns, and this
