@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(VENV)/bin/guidewrap demo
 
 docs: $(STAMP)
-	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -q -d build/site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d build/site  # not quiet: every warning is shown, and fails the build
 
 wheel-check: $(STAMP)
 	rm -rf build/wheel && $(PY) -m pip wheel -q --no-deps . -w build/wheel

@@ -110,7 +110,8 @@ def make_steps(
 
     def paper_recipe() -> None:
         loss = loss_fn(target(x))
-        feats = capture_outputs(target, {t for t, _ in pairs}, lambda: target(x))  # second, hooked target forward
+        # the second, hooked target forward; its features stay in the graph: the terms train the target
+        feats = capture_outputs(target, {t for t, _ in pairs}, lambda: target(x), keep_graph=True)
         with torch.no_grad():
             g_feats = capture_outputs(guide, {g for _, g in pairs}, lambda: guide(x))
         for t_name, g_name in pairs:

@@ -185,17 +185,21 @@ def trace(task_name: str, setting_name: str, seed: int, steps: int, optimizer: s
         opt = torch.optim.Adam(params, lr=task.lr)
     guidance = setting or BASES["default"]  # alone: the term measured at the default, not applied
     guided = GuidedModel(target, task.guide, optimizer=opt, **task.pins, **guidance)
-    x0, _ = task.batches(-1)
-    layers = [p.target.name for p in guided.plan(x0)]
     modules = dict(target.named_modules())
     outputs: dict[str, Any] = {}
-    hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: outputs.__setitem__(n, o)) for n in layers]
+    layers: list[str] = []
+    hooks = []
     rows, scores = [], []
     target.train()
     start = time.perf_counter()
     try:
         for step in range(steps):
-            x, y = task.batches(step)
+            x, y = task.batches(step)  # the study's batches, in its order
+            if step == 0:
+                layers = [p.target.name for p in guided.plan(x)]
+                hooks = [
+                    modules[n].register_forward_hook(lambda m, i, o, n=n: outputs.__setitem__(n, o)) for n in layers
+                ]
             out = guided(x)
             task_loss = task.loss(out, y)
             loss = guided.total_loss(task_loss)

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .errors import BatchSizeMismatchError, ConfigError
 
-__all__ = ["BUCKET_BYTES", "gather_layers", "world_size"]
+__all__ = ["BUCKET_BYTES", "gather_layers", "mean_over_processes", "world_size"]
 
 # Gathered bytes per collective: large enough that typical models need one, small enough that the
 # guide's gathered features (reduced to Grams bucket by bucket) stay a bounded transient.
@@ -48,6 +48,33 @@ def world_size(mode: str) -> int:
     if mode != "global" or not dist.is_available() or not dist.is_initialized():
         return 1
     return dist.get_world_size()
+
+
+def mean_over_processes(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> list[Tensor | None]:
+    """Gradients over ``params`` as data parallelism applies them: averaged over the processes (one
+    ``all_reduce``), a missing one counting as zeros; unchanged in one process. With global-batch CKA
+    a process's term gradient is its slice's times the world size, so the average is the gradient of
+    one process on the concatenated batch, for the task loss and for the term alike.
+
+    Examples:
+        >>> import torch
+        >>> w = torch.ones(2, requires_grad=True)
+        >>> mean_over_processes([torch.tensor([1.0, 2.0])], [w])[0].tolist()  # one process
+        [1.0, 2.0]
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1) or not params:
+        return list(grads)
+    full = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params, strict=True)]
+    flat = torch.cat([g.reshape(-1).float() for g in full])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    out, start = [], 0
+    for g in full:
+        out.append(flat[start : start + g.numel()].view_as(g).to(g.dtype))
+        start += g.numel()
+    return out
 
 
 def gatherer(mode: str, left_padded: bool | None) -> Callable[..., Any] | None:

@@ -38,17 +38,17 @@ from torch import Tensor, nn
 from . import distributed
 from .alignment import FeatureShaper, FeatureSubsets, SinkSlot, alignment_term, reduce_guide
 from .config import GuidanceConfig
-from .errors import ConfigError, GuideRequiresGradError, GuidewrapWarning, PlanError
+from .errors import ConfigError, GuidewrapWarning, PlanError
 from .hooks import HookSet, watch_double_count
-from .inputs import distinct_samples, float_dtype, noise_call
+from .inputs import check_not_packed, distinct_samples, float_dtype, noise_call
 from .matching import LayerPlan
+from .networks import freeze_guide, separate_networks
 from .outputs import add_to_loss, output_loss, set_loss
 from .planner import Planner
 from .readout import Readout
-from .step import GuidedStep
+from .step import GuidedStep, report_no_grad
 from .stepping import StepCounter
 from .strength import StrengthController
-from .utils import unwrap_model
 
 __all__ = ["GuidanceEngine"]
 
@@ -77,10 +77,10 @@ class GuidanceEngine:
     """
 
     def __init__(self, target: nn.Module, guide: nn.Module, config: GuidanceConfig, optimizer: Any = None) -> None:
-        self.target, self.guide = _separate_networks(target, guide)
+        self.target, self.guide = separate_networks(target, guide)
         self.config = config
         self.metric = config.metric
-        _freeze_guide(self.guide, config.strict_guide)
+        freeze_guide(self.guide, config.strict_guide)
         self.planner = Planner(self.target, self.guide, config)
         self.steps = StepCounter(config.schedule())
         self.readout = Readout(self.metric.name)
@@ -95,6 +95,8 @@ class GuidanceEngine:
         self.term_in_output = False  # the last forward's output loss holds the term
         self._double_count_checks = 3
         self._warned_tiny_batch = False
+        self._warned_no_grad = False
+        self._warned_unfrozen = False
         self._left_padded: bool | None = None  # read from the first guided step's mask (None: not yet)
         self.closed = False
         if optimizer is not None:
@@ -196,8 +198,10 @@ class GuidanceEngine:
     # ------------------------------------------------------------------ one guided step
 
     def is_active(self) -> bool:
-        """Whether the next forward is guided (training mode, inside the window)."""
-        return not self.closed and self.target.training and self.steps.is_active()
+        """Whether the next forward is guided: training mode, inside the window, with gradients (a
+        forward without them, ``generate()`` in a sampling loop or one under ``torch.inference_mode()``,
+        trains nothing and needs no term: the guide does not run)."""
+        return not self.closed and self.target.training and torch.is_grad_enabled() and self.steps.is_active()
 
     def begin(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
         """Open a step before the target's forward (runs the guide); returns whether it is guided."""
@@ -277,6 +281,8 @@ class GuidanceEngine:
         self.strength.hold(None)
 
     def _open_step(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> GuidedStep:
+        if self.readout.guided_forwards == 0 and not torch.compiler.is_compiling():
+            check_not_packed(kwargs)  # a collator packs every batch or none: the first one tells
         routed = self.planner.route(args, kwargs)
         self._shape.target_dtype = float_dtype(self.target)
         world = distributed.world_size(self.config.distributed)
@@ -289,6 +295,9 @@ class GuidanceEngine:
             routed = self._resolve(args, kwargs, routed)
         plan = self.plan()
         self._install_taps(plan)
+        if not torch.compiler.is_compiling():
+            self._taps.keep_last()  # a user's hook added later may replace an output: measure what the net uses
+            self._warn_if_unfrozen()
         step = GuidedStep(routed, copy=self.planner.copied)
         step.prepared = reduce_guide(
             self.guide,
@@ -302,11 +311,25 @@ class GuidanceEngine:
         self.readout.count("guide_forwards")
         return step
 
+    def _warn_if_unfrozen(self) -> None:
+        if self._warned_unfrozen or not (unfrozen := self.planner.unfrozen()):
+            return
+        self._warned_unfrozen = True
+        warnings.warn(
+            f"target layers {', '.join(map(repr, unfrozen[:3]))} were left out of the plan as frozen and are "
+            "trainable now: the plan is made at the first guided step, so they are not guided. To guide them, "
+            "create the guidance after unfreezing them (or name the pairs in layers=...)",
+            GuidewrapWarning,
+            stacklevel=5,
+        )
+
     def _finish(self, step: GuidedStep, weight: float | Tensor) -> Tensor:
         plan = self.plan()
         if step.routed is None:
             raise PlanError("a guided step ended before its inputs were routed")
         self.planner.copy_from_now_on(step.modified_in_place())
+        if step.no_grad:
+            self._warned_no_grad = report_no_grad(step.no_grad, self._warned_no_grad)
         if self.config.reduction == "mean":
             weight = weight / len(plan)
         term = alignment_term(
@@ -393,46 +416,3 @@ def _warn_if_few_distinct(args: tuple[Any, ...], kwargs: Mapping[str, Any], n: i
         stacklevel=5,
     )
     return True
-
-
-def _freeze_guide(guide: nn.Module, strict: bool) -> None:
-    """The guide is frozen and kept in eval mode; a lazy guide cannot be (its shapes are unknown)."""
-    lazy = [name for name, p in guide.named_parameters() if nn.parameter.is_lazy(p)]
-    if lazy:
-        raise ConfigError(
-            f"the guide has uninitialised lazy parameters (e.g. {lazy[0]!r}, of a Lazy* module): their shapes "
-            "are set by its first forward, and a frozen guide never trains one. Run the guide once on an example "
-            "batch (guide(example)) before passing it"
-        )
-    trainable = [name for name, p in guide.named_parameters() if p.requires_grad]
-    if trainable and strict:
-        raise GuideRequiresGradError(
-            f"the guide has {len(trainable)} parameters that require gradients (e.g. {trainable[0]!r}) and "
-            "strict_guide=True; call guide.requires_grad_(False) first or drop strict_guide"
-        )
-    guide.requires_grad_(False)
-    guide.eval()
-
-
-def _separate_networks(target: Any, guide: Any) -> tuple[nn.Module, nn.Module]:
-    """The unwrapped target and guide: two modules sharing nothing. The guide is frozen and kept in
-    eval mode; a module or parameter it shares with the target would silently freeze (and switch to
-    eval) part of the network being trained."""
-    for role, model in (("target", target), ("guide", guide)):
-        if not isinstance(model, nn.Module):
-            raise ConfigError(f"the {role} must be a torch.nn.Module, got {type(model).__name__}")
-    target, guide = unwrap_model(target), unwrap_model(guide)
-    if target is guide:
-        raise ConfigError("the guide must be a separate network from the target (pass a copy to self-guide)")
-    in_target = {id(m): name for name, m in target.named_modules()}
-    shared = [(in_target[id(m)], name) for name, m in guide.named_modules() if id(m) in in_target]
-    params = {id(p): name for name, p in target.named_parameters()}
-    shared += [(params[id(p)], name) for name, p in guide.named_parameters() if id(p) in params]
-    if shared:
-        examples = "; ".join(f"target {t!r} is guide {g!r}" for t, g in shared[:3])
-        raise ConfigError(
-            f"the guide shares modules or parameters with the target ({examples}); guidance freezes the guide and "
-            "keeps it in eval mode, which would freeze that part of the target too. Give the guide its own copy: "
-            "copy.deepcopy(guide) after building both (or build the guide with untied weights)"
-        )
-    return target, guide

@@ -64,6 +64,14 @@ class HookSet:
         for name, module in modules.items():
             self.add(module.register_forward_hook(_Tap(name, sink)))
 
+    def keep_last(self) -> None:
+        """Move each held forward hook to the end of its module's hooks: a tap then sees the output
+        the network goes on with, also when a user's hook registered later replaces it."""
+        for handle in self._handles:
+            table = handle.hooks_dict_ref()
+            if table is not None and handle.id in table and next(reversed(table)) != handle.id:
+                table.move_to_end(handle.id)
+
     def remove(self) -> None:
         """Remove every handle held."""
         for handle in self._handles:

@@ -33,6 +33,7 @@ __all__ = [
     "vocab_size_of",
     "normalize_call",
     "fit_call",
+    "check_not_packed",
 ]
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
@@ -306,11 +307,7 @@ def route(
     g_axis = guide_batch_dim if guide_batch_dim is not None else _guide_axis(g_args, g_kwargs, batch_dim, n)
     g_n = batch_size(g_args, g_kwargs, g_axis)
     if g_n != n:
-        raise BatchSizeMismatchError(
-            f"the guide's input has {g_n} samples on axis {g_axis} but the target's has {n}; CKA compares the "
-            "same samples, so a guide_inputs adapter must keep the batch size (set guide_input_batch_dim if the "
-            "guide's input holds the batch on another axis)"
-        )
+        raise BatchSizeMismatchError(_mismatch(args, kwargs, batch_dim, n, g_axis, g_n))
     g_args, g_kwargs = fit_call(guide.forward, tuple(g_args), g_kwargs)
     dtype = float_dtype(guide)
     g_args, g_kwargs = _to_dtype(g_args, dtype), _to_dtype(g_kwargs, dtype)
@@ -325,6 +322,56 @@ def route(
 
 def _tensor_or_none(value: Any) -> Tensor | None:
     return value if isinstance(value, Tensor) else None
+
+
+def check_not_packed(kwargs: Mapping[str, Any]) -> None:
+    """Refuse padding-free packing: several sequences in one row, told by ``position_ids`` that restart
+    inside a row or by flash-attention's ``cu_seq_lens_*`` (``DataCollatorWithFlattening``, TRL's
+    ``padding_free=True``). CKA compares samples, the rows of a batch.
+
+    Examples:
+        >>> import torch
+        >>> check_not_packed({"position_ids": torch.tensor([[0, 1, 2, 0, 1]])})
+        Traceback (most recent call last):
+        ...
+        guidewrap.errors.ConfigError: padding-free packing: ...
+    """
+    positions, mask = kwargs.get("position_ids"), kwargs.get("attention_mask")
+    restarts = False
+    if isinstance(positions, Tensor) and positions.dim() == 2 and positions.shape[1] > 1:
+        # A position that falls back between two attended tokens (padding, on either side, is not one).
+        attended = mask.bool() if isinstance(mask, Tensor) and mask.shape == positions.shape else None
+        falls = positions[:, 1:] < positions[:, :-1]
+        if attended is not None:
+            falls &= attended[:, 1:] & attended[:, :-1]
+        restarts = bool(falls.any())
+    if not (restarts or any(key.startswith("cu_seq_lens") for key in kwargs)):
+        return
+    raise ConfigError(
+        "padding-free packing: several sequences share one row (position_ids restart inside a row, as "
+        "transformers' DataCollatorWithFlattening and TRL's padding_free=True produce). CKA compares the samples "
+        "of a batch, its rows: a packed row mixes unrelated sequences (and a batch of one packed row gives no term "
+        "at all). Train the guided run on padded batches (DataCollatorForLanguageModeling, DataCollatorWithPadding; "
+        "TRL: padding_free=False); the padding is left out of the term by the attention mask"
+    )
+
+
+def _mismatch(args: tuple[Any, ...], kwargs: Mapping[str, Any], batch_dim: int, n: int, g_axis: int, g_n: int) -> str:
+    """Why the guide's input does not hold the target's samples, and the setting that fixes it: the
+    target's batch axis when the target's input has the guide's batch size on another axis (a
+    sequence-first network read as batch-first), else the guide's."""
+    tensor = first_tensor(args, kwargs)
+    other = [] if tensor is None else [i for i, size in enumerate(tensor.shape) if size == g_n and i != batch_dim]
+    why = (
+        f"the guide's input has {g_n} samples on axis {g_axis} but the target's input was read as {n} samples on "
+        f"axis {batch_dim}; CKA compares the same samples, so a guide_inputs adapter must keep the batch. "
+    )
+    if other:
+        return why + (
+            f"The target's input has {g_n} on axis {other[0]}: if that is its batch (a sequence-first target, such as "
+            f"nn.Transformer(batch_first=False) or nn.LSTM(batch_first=False)), set input_batch_dim={other[0]}"
+        )
+    return why + "Set guide_input_batch_dim if the guide's input holds the batch on another axis"
 
 
 def _guide_axis(args: tuple[Any, ...], kwargs: Mapping[str, Any], target_axis: int, n: int) -> int:

@@ -52,6 +52,7 @@ class Planner:
         self.plan: LayerPlan | None = None
         self.copied: frozenset[str] = frozenset()  # target layers whose output is changed in place later
         self._resumed: dict[str, Any] | None = None  # a checkpoint's plan record, checked at planning
+        self._frozen: dict[str, list[nn.Parameter]] = {}  # target layers left out as frozen: their parameters
 
     def route(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Routed:
         """One step's inputs routed to the guide, with the batch axes settled so far."""
@@ -75,8 +76,19 @@ class Planner:
             "ReLU(inplace=True) follows it), so it is copied when captured"
             for name in sorted(self.copied)
         )
+        modules = dict(self.target.named_modules())
+        self._frozen = {
+            info.name: [p for p in modules[info.name].parameters()]
+            for side, info in self.plan.skipped
+            if side == "target" and (info.skip_reason or "").startswith("frozen") and info.name in modules
+        }
         self._check_resumed()
         return routed
+
+    def unfrozen(self) -> list[str]:
+        """Target layers left out of the plan as frozen that have trainable parameters now (progressive
+        unfreezing): the plan is made once, so they stay unguided."""
+        return [name for name, params in self._frozen.items() if any(p.requires_grad for p in params)]
 
     def _probe_side(
         self, side: str, args: tuple[Any, ...], kwargs: dict[str, Any], routed: Routed, notes: list[str]

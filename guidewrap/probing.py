@@ -33,16 +33,38 @@ __all__ = ["describe", "probe"]
 
 @contextlib.contextmanager
 def _no_side_effects(model: nn.Module) -> Iterator[None]:
-    """Run a probe forward without changing buffers (BatchNorm stats) or the global RNG."""
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    """Run a probe forward without changing buffers (BatchNorm stats, quantization observers) or the
+    global RNG. A buffer that changes shape in the forward (an observer's per-channel range starts
+    empty) is resized back; a lazy module's buffers are kept as its first forward initialised them."""
+    saved: list[tuple[Tensor, Tensor]] = []
+    lazy = []
+    for module in model.modules():
+        if any(nn.parameter.is_lazy(b) for b in module._buffers.values() if b is not None):
+            # materialised by the module's own pre-hook: kept as initialised, before its forward uses them
+            lazy.append(module.register_forward_pre_hook(_keep_initialised(saved), prepend=False))
+        saved += [
+            (b, b.detach().clone()) for b in module._buffers.values() if b is not None and not nn.parameter.is_lazy(b)
+        ]
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     try:
         with torch.random.fork_rng(devices=devices):
             yield
     finally:
+        for handle in lazy:
+            handle.remove()
         with torch.no_grad():
             for buffer, value in saved:
+                if buffer.shape != value.shape:
+                    buffer.resize_(value.shape)
                 buffer.copy_(value)
+
+
+def _keep_initialised(saved: list[tuple[Tensor, Tensor]]) -> Callable[..., None]:
+    def snapshot(module: nn.Module, _args: Any) -> None:
+        known = {id(b) for b, _ in saved}
+        saved.extend((b, b.detach().clone()) for b in module._buffers.values() if b is not None and id(b) not in known)
+
+    return snapshot
 
 
 def probe(
@@ -65,6 +87,7 @@ def probe(
     candidates = _candidates(model, names, layer_types)
     record = _Recorder(model, n, input_axis)
     handles = [m.register_forward_hook(record.hook(name, m)) for name, m in candidates.items()]
+    handles.append(nn.modules.module.register_module_forward_hook(record.on_any_forward))
     try:
         with _no_side_effects(model):
             result = run()
@@ -106,9 +129,30 @@ class _Recorder:
         self.last: dict[str, Tensor] = {}  # each layer's latest output tensor, for the identity checks
         self.finished: dict[str, None] = {}  # names in the order their (last) call returned
         self.versions: list[tuple[str, Tensor, int]] = []
+        # Whether a module owning a trainable parameter has returned yet (forward order): a layer is
+        # trainable when one has, at or before it. Read from the order, not from requires_grad, so that
+        # activation checkpointing (a region run without gradients) and an input made to require grad
+        # (transformers' enable_input_require_grads) do not change the plan.
+        self.owners = {id(m) for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))}
+        self.trainable_seen = False
+        self.judges_trainable = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+        # An encoder-decoder's encoder, its outputs, and each layer's first input: a decoder layer that
+        # reads the encoder's output (cross-attention keys and values) runs over the source positions.
+        modules = dict(model.named_modules())
+        self.encoders = {id(m) for name, m in modules.items() if _sibling(name, "encoder", "decoder") in modules}
+        self.encoder_outputs: list[Tensor] = []
+        self.inputs: dict[str, tuple[int, int] | None] = {}
+
+    def on_any_forward(self, module: nn.Module, _inputs: Any, output: Any) -> None:
+        if id(module) in self.owners:
+            self.trainable_seen = True
+        if id(module) in self.encoders:
+            self.encoder_outputs.extend(_float_tensors(output))
 
     def hook(self, name: str, module: nn.Module) -> Callable[..., None]:
-        def on_output(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        def on_output(_module: nn.Module, inputs: Any, output: Any) -> None:
+            if name not in self.inputs:
+                self.inputs[name] = next((_storage_key(t) for t in _float_tensors(inputs)), None)
             self.record(name, module, output)
 
         return on_output
@@ -123,8 +167,8 @@ class _Recorder:
         self.finished[name] = None
         info = describe(self.model, name, module, output, self.n, self.input_axis)
         if name not in self.seen:
-            if tensor is not None and torch.is_grad_enabled() and not tensor.is_inference():
-                info.trainable = tensor.requires_grad  # through a trainable parameter, or not
+            if self.judges_trainable:
+                info.trainable = self.trainable_seen  # a trainable parameter ran at or before it, or not
             self.seen[name] = info
             return
         first = self.seen[name]
@@ -143,11 +187,13 @@ class _Recorder:
         returned = {_storage_key(t) for t in _float_tensors(result)}
         changed = {name for name, tensor, version in self.versions if tensor._version != version}
         encoder_decoder = _is_encoder_decoder(self.model)
+        from_encoder = {_storage_key(t) for t in self.encoder_outputs}
         infos = list(self.seen.values())
         for info in infos:
             tensor = self.last.get(info.name)
             info.in_place = info.name in changed
-            info.decoder = encoder_decoder and "decoder" in info.name.split(".")
+            over_source = self.inputs.get(info.name) in from_encoder  # cross-attention keys / values
+            info.decoder = encoder_decoder and "decoder" in info.name.split(".") and not over_source
             info.head = (
                 tensor is not None
                 and info.calls == 1
@@ -200,6 +246,14 @@ def _is_encoder_decoder(model: nn.Module) -> bool:
         return True
     children = dict(model.named_children())
     return isinstance(children.get("encoder"), nn.Module) and isinstance(children.get("decoder"), nn.Module)
+
+
+def _sibling(name: str, last: str, sibling: str) -> str | None:
+    """``a.b.sibling`` for ``a.b.last`` (None when ``name`` does not end in ``last``)."""
+    head, _, tail = name.rpartition(".")
+    if tail != last:
+        return None
+    return f"{head}.{sibling}" if head else sibling
 
 
 def _storage_key(tensor: Tensor) -> tuple[int, int]:

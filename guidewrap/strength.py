@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .distributed import mean_over_processes
 from .errors import GuidewrapWarning
 from .tensor_cap import TensorCap
 
@@ -163,21 +164,12 @@ class StrengthController:
 
 
 def _norms(task_loss: Tensor, term: Tensor, params: Sequence[Tensor]) -> tuple[float, float]:
-    """The two gradients' norms over ``params`` (averaged over processes in a data-parallel run)."""
+    """The two gradients' norms over ``params``; in a data-parallel run, of the gradients as applied
+    (averaged over processes), so the pull is one process's on the global batch, the same everywhere."""
     params = [p for p in params if p.requires_grad]
-    squares = []
+    norms = []
     for loss in (task_loss, term):
-        if not loss.requires_grad:
-            squares.append(torch.zeros((), device=task_loss.device))
-            continue
-        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        zero = torch.zeros((), device=task_loss.device)
-        squares.append(sum((g.detach().float().pow(2).sum() for g in grads if g is not None), zero))
-    both = torch.stack([s.to(task_loss.device) for s in squares])
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(both)  # every process the same weight: the mean of the squared norms
-        both /= dist.get_world_size()
-    task_sq, term_sq = both.tolist()
-    return math.sqrt(task_sq), math.sqrt(term_sq)
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) if loss.requires_grad else []
+        grads = mean_over_processes(list(grads) or [None] * len(params), params)
+        norms.append(math.sqrt(sum(float(g.detach().double().pow(2).sum()) for g in grads if g is not None)))
+    return norms[0], norms[1]

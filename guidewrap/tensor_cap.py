@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .distributed import mean_over_processes
 from .errors import ConfigError, GuidewrapWarning
 
 __all__ = ["TensorCap", "PERSISTENT_PULL"]
@@ -96,15 +97,11 @@ class TensorCap:
                 self._warn_if_persistent(named, *_tensor_norms(task_loss, term, [p for _, p in named]))
             return task_loss + term
         leaves = _leaves(task_loss, term)
-        g_task = torch.autograd.grad(task_loss, leaves, retain_graph=True, allow_unused=True)
-        g_term = torch.autograd.grad(term, leaves, retain_graph=True, allow_unused=True)
+        g_task, g_term = _gradients(task_loss, term, leaves)
         where = {id(p): i for i, p in enumerate(leaves)}
         rows = [where.get(id(p)) for _, p in named]
-        task_norms, term_norms = _shared_norms(
-            [_norm(g_task[i]) if i is not None else 0.0 for i in rows],
-            [_norm(g_term[i]) if i is not None else 0.0 for i in rows],
-            task_loss.device,
-        )
+        task_norms = [_norm(g_task[i]) if i is not None else 0.0 for i in rows]
+        term_norms = [_norm(g_term[i]) if i is not None else 0.0 for i in rows]
         factors = [1.0] * len(leaves)
         pulls = []
         for (name, param), i, task_norm, term_norm in zip(named, rows, task_norms, term_norms, strict=True):
@@ -215,20 +212,15 @@ def _leaves(*losses: Tensor) -> list[Tensor]:
     return list(found.values())
 
 
+def _gradients(task_loss: Tensor, term: Tensor, leaves: Sequence[Tensor]) -> tuple[list[Any], list[Any]]:
+    """Both losses' gradients over ``leaves``; in a data-parallel run, as applied (averaged over the
+    processes), so every process caps alike and as one process would on the global batch."""
+    g_task = torch.autograd.grad(task_loss, leaves, retain_graph=True, allow_unused=True)
+    g_term = torch.autograd.grad(term, leaves, retain_graph=True, allow_unused=True)
+    return mean_over_processes(g_task, leaves), mean_over_processes(g_term, leaves)
+
+
 def _tensor_norms(task_loss: Tensor, term: Tensor, params: Sequence[Tensor]) -> tuple[list[float], list[float]]:
-    """Each tensor's gradient norm from the task loss and from the term (shared by every process)."""
-    g_task = torch.autograd.grad(task_loss, params, retain_graph=True, allow_unused=True)
-    g_term = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
-    return _shared_norms([_norm(g) for g in g_task], [_norm(g) for g in g_term], task_loss.device)
-
-
-def _shared_norms(task: list[float], term: list[float], device: torch.device) -> tuple[list[float], list[float]]:
-    """In a data-parallel run, every process the same norms: the root mean square over processes."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return task, term
-    both = torch.tensor([task, term], dtype=torch.float64, device=device).pow(2)
-    dist.all_reduce(both)
-    both = (both / dist.get_world_size()).sqrt()
-    return both[0].tolist(), both[1].tolist()
+    """Each tensor's gradient norm from the task loss and from the term (as applied, see _gradients)."""
+    g_task, g_term = _gradients(task_loss, term, params)
+    return [_norm(g) for g in g_task], [_norm(g) for g in g_term]

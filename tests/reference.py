@@ -69,17 +69,23 @@ def first_tensor_of(output: Any) -> Tensor:
 
 
 def capture_outputs(
-    model: nn.Module, names: set[str] | list[str], call: Callable[[], Any], calls: bool = False
+    model: nn.Module,
+    names: set[str] | list[str],
+    call: Callable[[], Any],
+    calls: bool = False,
+    keep_graph: bool = False,
 ) -> dict[str, Tensor]:
     """Run ``call()`` with the test's own forward hooks on ``model``'s named layers and return each
     layer's activation (independent of guidewrap's capture), copied when the layer returns (an
     in-place op after it, ``nn.ReLU(inplace=True)``, does not change it); the hooks are always removed.
-    ``calls``: a layer run several times gives its calls stacked after the batch axis (else the last)."""
+    ``calls``: a layer run several times gives its calls stacked after the batch axis (else the last).
+    ``keep_graph``: the copies stay in the autograd graph (a loss on them trains the model), else detached."""
     out: dict[str, Tensor] = {}
     seen: dict[str, list[Tensor]] = {}
 
     def keep(name: str, output: Any) -> None:
-        seen.setdefault(name, []).append(first_tensor_of(output).detach().clone())
+        tensor = first_tensor_of(output)
+        seen.setdefault(name, []).append((tensor if keep_graph else tensor.detach()).clone())
         out[name] = seen[name][0] if len(seen[name]) == 1 or not calls else torch.stack(seen[name], dim=1)
 
     handles = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: keep(n, o)) for n in names]

@@ -50,7 +50,7 @@ _CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 class RecurrentLMConfig(PreTrainedConfig):
     """Configuration of :class:`RecurrentLMForCausalLM` (``model_type="recurrent_lm"``).
 
-    Args:
+    Attributes:
         vocab_size: tokens in the vocabulary (``run_clm.py`` grows the embedding to the tokenizer's).
         hidden_size: width of the embedding and of every recurrent layer.
         num_hidden_layers: recurrent layers, each its own module (one guidance layer each).
