@@ -11,7 +11,8 @@ Cases, each one training step with AdamW, timed interleaved, median of ``reps`` 
     the extra time per extra pair in microseconds.
 floor = the unguided step + one guide forward under inference mode: what any guidance must pay.
 Every case states the level, pair reduction and weight it uses (the library's defaults unless said).
-Prints, last, lm_guided_over_floor=<x> for the GPT-2 <- GPT-2 case.
+Prints, last, lm_guided_over_floor=<x> for the GPT-2 <- GPT-2 case. ``--strength R`` and ``--tensor-cap C``
+add those settings' steps to the GPT-2 <- GPT-2 case (lm_strength_over_fixed, lm_tensor_cap_over_fixed).
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ def make_steps(
     guide_batch: dict[str, torch.Tensor],
     strength: float | None = None,
     reps: int = 7,
+    tensor_cap: float | None = None,
     **settings: Any,
 ) -> dict[str, Callable[[], None]]:
     """plain, floor and guided steps on one batch (the target's output carries its loss)."""
@@ -111,6 +113,9 @@ def make_steps(
     steps = {"plain": plain, "floor": floor, "guided": train_step(guided)}
     if strength is not None:  # re-measured on the last timed repetition: strength_every = the repetitions
         steps["strength"] = train_step(GuidedModel(target, guide, **settings, strength=strength, strength_every=reps))
+    if tensor_cap is not None:  # in force from the first step: every timed step takes the gradients apart
+        capped = GuidedModel(target, guide, **settings, tensor_cap=tensor_cap, tensor_cap_after=0, optimizer=opt)
+        steps["tensor_cap"] = train_step(capped)
     return steps
 
 
@@ -146,6 +151,7 @@ def main(
     tiny: bool = False,
     strength: float | None = None,
     strength_every: int = 25,
+    tensor_cap: float | None = None,
 ) -> float:
     torch.manual_seed(0)
     print(
@@ -157,8 +163,8 @@ def main(
     target = gpt2(vocab, 4, width, length)
     ratios = {}
     for name, guide in (("gpt2", gpt2(vocab, 4, width, length)), ("lstm", LSTMLM(vocab, width))):
-        with_strength = strength if name == "gpt2" else None
-        steps = make_steps(target, guide, lm_batch, {"input_ids": ids}, with_strength, reps, **MATCHING)
+        with_strength, with_cap = (strength, tensor_cap) if name == "gpt2" else (None, None)
+        steps = make_steps(target, guide, lm_batch, {"input_ids": ids}, with_strength, reps, with_cap, **MATCHING)
         pairs = len(GuidedModel(target, guide, **MATCHING).plan(input_ids=ids))
         med = time_steps(steps, reps)
         ratios[name] = _report(f"GPT-2 LM (4 x {width}, vocab {vocab}) <- {name}, batch {batch} x {length}", med, pairs)
@@ -167,6 +173,9 @@ def main(
             cost = strength_cost(RAW_TIMES["strength"], reps - 1, strength_every)
             print(f"lm_strength_guided_over_floor={cost / med['floor']:.2f} (re-measured every {strength_every} steps)")
             print(f"lm_strength_over_fixed={cost / med['guided']:.3f}")
+        if with_cap is not None:
+            print(f"lm_tensor_cap_guided_over_floor={med['tensor_cap'] / med['floor']:.2f}")
+            print(f"lm_tensor_cap_over_fixed={med['tensor_cap'] / med['guided']:.3f}")
 
     cls_batch = padded_batch(16 if not tiny else 4, 16 if not tiny else 4, 128 if not tiny else 12, 28996, seed=1)
     b_width = 32 if tiny else 256
@@ -200,5 +209,8 @@ if __name__ == "__main__":
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--strength", type=float, help="also time strength= on GPT-2 <- GPT-2 (amortised)")
     parser.add_argument("--strength-every", type=int, default=25, help="the re-measurement interval amortised over")
+    parser.add_argument(
+        "--tensor-cap", type=float, help="also time tensor_cap= in force on every step (GPT-2 <- GPT-2)"
+    )
     args = parser.parse_args()
-    main(args.reps, strength=args.strength, strength_every=args.strength_every)
+    main(args.reps, strength=args.strength, strength_every=args.strength_every, tensor_cap=args.tensor_cap)

@@ -14,6 +14,9 @@ length 128, with flatten and token-wise CKA (lstm_<mode>_... ratios). Then the F
 reference_over_guided=<x> and, last, guided_over_floor=<x>.
 `--max-features K [K ...]` adds guided steps with the max_features approximation to the same interleaved
 loop and prints each one's guided_over_floor and largest per-pair CKA change against exact.
+`--tensor-cap C` adds a guided step with ``tensor_cap=C`` capped from the first step
+(``tensor_cap_after=0``: both gradients taken apart on every timed step, the cap's cost where it is in
+force): tensor_cap_guided_over_floor and tensor_cap_over_fixed (against the fixed weight's guided step).
 `--strength R` adds a guided step with ``strength=R`` (the weight set from the gradients) to the FCN case:
 its last timed repetition re-measures the pull (two extra backward passes), and the cost at
 `--strength-every K` (default 25, the library's) is that measurement spread over K steps:
@@ -123,7 +126,7 @@ def make_steps(
 
     steps = {"plain": plain, "floor": floor, "guided": guided_step(guided)}
     for name, settings in (alternatives or {}).items():
-        steps[name] = guided_step(GuidedModel(target, guide, **{**MATCHING, **settings}))
+        steps[name] = guided_step(GuidedModel(target, guide, **{**MATCHING, **settings}, optimizer=opt))
     if reference:
         steps["reference"] = paper_recipe
     return steps, len(pairs)
@@ -180,6 +183,7 @@ def main(
     max_features: tuple[int, ...] = (),
     strength: float | None = None,
     strength_every: int = 25,
+    tensor_cap: float | None = None,
 ) -> dict[str, float]:
     print("matching: " + ", ".join(f"{k}={v}" for k, v in MATCHING.items()))
     if sequence:
@@ -201,6 +205,8 @@ def main(
     alternatives = {f"max_features={k}": {"max_features": k} for k in max_features}
     if strength:  # re-measured on the last timed repetition (strength_every=reps), amortised below
         alternatives["strength"] = {"strength": strength, "strength_every": reps}
+    if tensor_cap:  # capped from the first step: every timed step takes the gradients apart
+        alternatives["tensor_cap"] = {"tensor_cap": tensor_cap, "tensor_cap_after": 0}
     med, n_pairs = time_case(
         target, guide, x, lambda out: nn.functional.cross_entropy(out, y), reps, alternatives=alternatives
     )
@@ -211,6 +217,9 @@ def main(
               f"{statistics.median(RAW_TIMES['strength'][:-1]) * 1e3:.1f} ms")  # fmt: skip
         print(f"strength_guided_over_floor={cost / med['floor']:.2f} (re-measured every {strength_every} steps)")
         print(f"strength_over_fixed={cost / med['guided']:.3f}")
+    if tensor_cap:
+        print(f"tensor_cap_guided_over_floor={med['tensor_cap'] / med['floor']:.2f}")
+        print(f"tensor_cap_over_fixed={med['tensor_cap'] / med['guided']:.3f}")
     if max_features:  # the approximation's error on this batch, beside its cost
         # BatchNorm in train mode normalises by the batch's statistics: both runs see the same features.
         exact = GuidedModel(target, guide, **MATCHING)
@@ -239,6 +248,7 @@ if __name__ == "__main__":
     )
     parser.add_argument("--strength", type=float, help="also time strength= (its re-measurement amortised)")
     parser.add_argument("--strength-every", type=int, default=25, help="the re-measurement interval amortised over")
+    parser.add_argument("--tensor-cap", type=float, help="also time tensor_cap= in force on every step")
     args = parser.parse_args()
     main(
         args.batch,
@@ -247,4 +257,5 @@ if __name__ == "__main__":
         max_features=tuple(args.max_features),
         strength=args.strength,
         strength_every=args.strength_every,
+        tensor_cap=args.tensor_cap,
     )

@@ -76,6 +76,10 @@ class Task:
             self._conv(name.endswith("trained"))
         elif name == "lstm<-gpt2":
             self._lstm()
+        elif name == "copy":
+            self._copy()
+        elif name == "lm":
+            self._char_lm()
         elif name == "demo":
             self._demo()
         else:
@@ -115,6 +119,31 @@ class Task:
         self.loss = _lm_loss
         self.pins = {"layers": "sublayers"}
 
+    def _copy(self) -> None:
+        from lab.copy_paste import CausalTransformer, CopyPasteTask, StackedRNN, held_out_accuracy, task_batches
+        from lab.copy_paste import task_loss as copy_loss
+
+        task = CopyPasteTask(min_len=10, max_len=20, symbols=10)
+        self.target = seeded(self.seed, lambda: StackedRNN(task.vocab))
+        self.guide = CausalTransformer(task.vocab)  # right after the target, under its seed (the studies')
+        self.batches, self.loss = task_batches(task, 64, self.seed), copy_loss
+        self.pins = {"layers": "sublayers"}
+        self.test = lambda: held_out_accuracy(self.target, task, self.seed, 4)
+
+    def _char_lm(self) -> None:
+        corpus = CharCorpus(python_docs_text(), seq_len=50)
+        self.test = torch.stack([row["input_ids"] for row in corpus.dataset("test")])
+
+        def draw(gen: torch.Generator) -> tuple[Tensor, Tensor]:
+            ids = corpus.batch(32, seed=int(torch.randint(0, 2**31, (1,), generator=gen)))["input_ids"]
+            return ids, ids
+
+        models = text_models(corpus.vocab_size, 128)
+        self.target = seeded(self.seed, models["rnn"])
+        self.guide = seeded(self.seed + 1, models["transformer"])
+        self.batches, self.loss = batch_stream(self.seed, draw), _lm_loss
+        self.pins = {"layers": "sublayers"}
+
     def _demo(self) -> None:
         data = load_mnist1d(train_samples=DEMO_TRAIN_SAMPLES)
         torch.manual_seed(self.seed)
@@ -131,8 +160,10 @@ class Task:
         was = self.target.training
         self.target.eval()
         try:
-            if self.name == "lstm<-gpt2":
+            if self.name in ("lstm<-gpt2", "lm"):
                 return perplexity(_lm_loss(self.target(self.test), self.test).item())
+            if self.name == "copy":
+                return self.test()
             x, y = self.test
             x, y = x[:limit], y[:limit]
             chunks = range(0, len(x), 1000)
@@ -279,7 +310,7 @@ def report(record: dict, at: tuple[int, ...] = (1, 10, 40, 100, 200, 300, 600)) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--task", default="conv", choices=["conv", "conv-trained", "lstm<-gpt2", "demo"])
+    parser.add_argument("--task", default="conv", choices=["conv", "conv-trained", "lstm<-gpt2", "demo", "copy", "lm"])
     parser.add_argument("--setting", default="default")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=300)
@@ -287,6 +318,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("runs/trace.json"))
     parser.add_argument("--report", type=Path, help="print the trace saved here")
+    parser.add_argument(
+        "--record", type=Path, help="also write the tensor pulls after --after guided steps here (the warning's check)"
+    )
+    parser.add_argument("--after", type=int, default=100, help="with --record: guided steps before the check")
     a = parser.parse_args()
     torch.set_num_threads(a.threads)
     if a.report:
@@ -296,6 +331,13 @@ def main() -> None:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(record), encoding="utf-8")
     print(report(record))
+    if a.record:
+        row = record["rows"][a.after]  # the step the check measures: after `after` guided steps
+        kept = {k: record[k] for k in ("task", "setting", "seed", "tensors", "threads", "cpu", "torch")}
+        pulls = {"after": a.after, "step": row["step"], "grad_task": row["grad_task"], "grad_term": row["grad_term"]}
+        a.record.mkdir(parents=True, exist_ok=True)
+        name = f"{a.task}__{a.setting.replace('/', '_')}__{a.seed}.json"
+        (a.record / name).write_text(json.dumps(kept | pulls) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ class TensorCap:
         self.capped: int | None = None
         self.largest: float | None = None
         self.cleared: list[str] = []
+        self.factors: dict[str, float] = {}  # the last capped step's scale of the term, by tensor (1: uncapped)
         self.checked = False  # without a cap: the one persistence check is done
         self._warned_no_optimizer = False
 
@@ -114,6 +115,7 @@ class TensorCap:
                 if name not in self.cleared:
                     self.cleared.append(name)
                     self._clear(param, optimizers)
+        self.factors = {name: factors[i] for (name, _), i in zip(named, rows, strict=True) if i is not None}
         self.capped = sum(f < 1 for f in factors)
         self.largest = max(pulls, default=0.0)
         grads = [_capped_sum(a, b, f) for a, b, f in zip(g_task, g_term, factors, strict=True)]

@@ -27,10 +27,13 @@ def test_bench_metrics_runs(capsys) -> None:
 
 
 def test_bench_step_runs(capsys) -> None:
-    medians = _load("step").main(batch=8, reps=2, depth=2, seq_shape=(4, 6), max_features=(64,), strength=0.3)
-    assert set(medians) == {"plain", "floor", "guided", "reference", "max_features=64", "strength"}
+    medians = _load("step").main(
+        batch=8, reps=2, depth=2, seq_shape=(4, 6), max_features=(64,), strength=0.3, tensor_cap=1.0
+    )
+    assert set(medians) == {"plain", "floor", "guided", "reference", "max_features=64", "strength", "tensor_cap"}
     out = capsys.readouterr().out
     assert "strength_guided_over_floor=" in out and "strength_over_fixed=" in out
+    assert "tensor_cap_guided_over_floor=" in out and "tensor_cap_over_fixed=" in out
     assert "lstm_tokenwise_guided_over_floor=" in out and "lstm_flatten_reference_over_guided=" in out
     assert "max_features=64: guided_over_floor=" in out and "largest per-pair CKA change" in out
     assert out.strip().splitlines()[-1].startswith("guided_over_floor=")
@@ -57,10 +60,11 @@ def test_bench_approximation_runs(capsys) -> None:
 
 
 def test_bench_real_runs(capsys) -> None:
-    ratio = _load("real").main(reps=2, batch=8, length=16, vocab=200, width=32, tiny=True, strength=0.3)
+    ratio = _load("real").main(reps=2, batch=8, length=16, vocab=200, width=32, tiny=True, strength=0.3, tensor_cap=1.0)
     assert ratio > 0
     out = capsys.readouterr().out
     assert "lm_strength_guided_over_floor=" in out and "lm_strength_over_fixed=" in out
+    assert "lm_tensor_cap_guided_over_floor=" in out and "lm_tensor_cap_over_fixed=" in out
     assert "matching: layers=auto" in out and "per_pair_overhead_us=" in out and "bert_guided_over_floor=" in out
     assert out.strip().splitlines()[-1].startswith("lm_guided_over_floor=")
 
@@ -131,6 +135,6 @@ def test_the_paper_recipe_backpropagates_through_its_terms() -> None:
         steps[name]()
         grads[name] = [p.grad.clone() for p in target.parameters()]
     assert pairs >= 1
-    for ref, guided, plain in zip(grads["reference"], grads["guided"], grads["plain"], strict=True):
+    for ref, guided in zip(grads["reference"], grads["guided"], strict=True):
         assert torch.allclose(ref, guided, rtol=1e-4, atol=1e-6)
     assert any(not torch.allclose(ref, plain) for ref, plain in zip(grads["reference"], grads["plain"], strict=True))

@@ -3,6 +3,7 @@ on the concatenated batch; per-process CKA measures each process's own batch."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -166,3 +167,23 @@ def test_strength_gives_every_process_the_same_weight(tmp_path: Path) -> None:
     ranks = _launch(tmp_path, "strength")
     assert ranks[0]["scales"] == ranks[1]["scales"] and len(set(ranks[0]["scales"])) == 3
     assert ranks[0]["pull"] == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("script_shape", ["trainer", "accelerate"])
+def test_the_pull_at_two_processes_is_one_process_on_the_global_batch(tmp_path: Path, script_shape: str) -> None:
+    """run_clm.py through the Trainer (1 x 8 blocks against 2 x 4) and accelerate's nlp_example (1 x 32
+    against 2 x 16, each process padding its own batch): the first step logs the same term, and the same
+    pull, on every process as in one (a strength's weight is set from it)."""
+    pytest.importorskip("transformers")
+    worker = ROOT / "tests" / "_ddp_pull_worker.py"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    one = subprocess.run([sys.executable, str(worker), str(tmp_path), script_shape], env=env, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0, f"the one-process run failed:\n{one.stderr[-4000:]}"
+    _torchrun(worker, str(tmp_path), script_shape)
+    single = json.loads((tmp_path / "rank0-of-1.json").read_text())
+    for rank in (0, 1):
+        two = json.loads((tmp_path / f"rank{rank}-of-2.json").read_text())
+        assert two["term"] == pytest.approx(single["term"], rel=1e-4), (rank, two, single)
+        assert two["pull"] == pytest.approx(single["pull"], rel=0.02), (rank, two, single)

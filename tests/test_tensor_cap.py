@@ -1,0 +1,259 @@
+"""The per-tensor cap: the term's gradient in each trainable tensor at most ``tensor_cap`` times the task's,
+from guided step ``tensor_cap_after`` on, in every entry point; optimizer state cleared where it first
+binds; the one-time persistence warning without a cap.
+
+On a capped step the test takes both gradients apart itself (``torch.autograd.grad`` of the task loss
+and of the returned total minus the task loss, tensor by tensor) and checks the ratio: equal to the cap
+where the uncapped term exceeded it, the uncapped term's where it did not.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from guidewrap import Guidance, GuidedModel
+from guidewrap.errors import ConfigError, GuidewrapWarning
+from guidewrap.tensor_cap import PERSISTENT_PULL, TensorCap
+
+
+def _nets(seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(seed)
+    target = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
+    guide = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    return target, guide
+
+
+def _batch(step: int) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(step)
+    return torch.randn(32, 8, generator=gen), torch.randint(0, 4, (32,), generator=gen)
+
+
+def _pulls(task: Tensor, total: Tensor, model: nn.Module) -> dict[str, float]:
+    """Each trainable tensor's applied term gradient over its task gradient."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    g_task = torch.autograd.grad(task, [p for _, p in named], retain_graph=True, allow_unused=True)
+    g_all = torch.autograd.grad(total, [p for _, p in named], retain_graph=True, allow_unused=True)
+    out = {}
+    for (name, _), a, b in zip(named, g_task, g_all, strict=True):
+        if a is not None and b is not None and float((b - a).norm()) > 0:
+            out[name] = float((b - a).norm() / a.norm())
+    return out
+
+
+def _uncapped(task: Tensor, term: Tensor, model: nn.Module) -> dict[str, float]:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    g_task = torch.autograd.grad(task, [p for _, p in named], retain_graph=True, allow_unused=True)
+    g_term = torch.autograd.grad(term, [p for _, p in named], retain_graph=True, allow_unused=True)
+    # a bias right before an aligned layer gets no term gradient (CKA ignores shifts), only rounding
+    return {name: float(b.norm() / a.norm()) for (name, _), a, b in zip(named, g_task, g_term, strict=True)
+            if a is not None and b is not None and float(b.norm() / a.norm()) > 1e-4}  # fmt: skip
+
+
+def _check(task: Tensor, total: Tensor, term: Tensor, model: nn.Module, cap: float) -> int:
+    """The applied pulls against the cap; returns how many tensors it bound."""
+    applied, before = _pulls(task, total, model), _uncapped(task, term, model)
+    assert before and set(before) <= set(applied)
+    for name, pull in before.items():
+        assert applied[name] == pytest.approx(min(cap, pull), rel=1e-3), name
+    return sum(before[name] > cap for name in before)
+
+
+def test_guided_model_caps_each_tensor_after_the_first_steps_and_clears_its_optimizer_state() -> None:
+    target, guide = _nets()
+    opt = torch.optim.Adam(target.parameters(), lr=1e-2)
+    guided = GuidedModel(target, guide, weight=5.0, tensor_cap=0.5, tensor_cap_after=3, optimizer=opt)
+    for step in range(6):
+        x, y = _batch(step)
+        task = nn.functional.cross_entropy(guided(x), y)
+        total = guided.total_loss(task)
+        term = guided.alignment_loss
+        if step < 3:  # the first steps are uncapped: the term as it is
+            applied, before = _pulls(task, total, target), _uncapped(task, term, target)
+            assert {n: applied[n] for n in before} == pytest.approx(before, rel=1e-4)
+            assert all(len(opt.state[p]) for p in target.parameters()) or step == 0
+        else:
+            bound = _check(task, total, term, target, 0.5)
+            assert bound and guided.guidance_metrics()["guidance_tensors_capped"] == bound
+            cleared = guided.engine.strength.tensors.cleared
+            if step == 3:  # the switch: the tensors it binds on start their moments afresh
+                params = dict(target.named_parameters())
+                assert cleared and all(not opt.state[params[name]] for name in cleared)
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+    assert guided.guidance_metrics()["guidance_max_tensor_pull"] > 0.5
+
+
+def test_the_context_caps_and_refuses_a_term_without_the_task_loss() -> None:
+    target, guide = _nets()
+    x, y = _batch(0)
+    with Guidance(target, guide, weight=5.0, tensor_cap=0.5, tensor_cap_after=0) as g:
+        out = target(x)
+        with pytest.raises(ConfigError, match=r"tensor_cap=0.5.*total_loss\(task_loss\)"):
+            g.alignment_loss  # noqa: B018 - the cap needs the task loss
+        task = nn.functional.cross_entropy(out, y)
+        with pytest.warns(GuidewrapWarning, match="optimizer=your_optimizer"):  # nothing to clear: said once
+            total = g.total_loss(task)
+        assert _check(task, total, g.alignment_loss, target, 0.5)
+
+
+def test_an_output_loss_carries_the_capped_term() -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=16)
+    torch.manual_seed(0)
+    target, guide = transformers.GPT2LMHeadModel(cfg), transformers.GPT2LMHeadModel(cfg)
+    opt = torch.optim.SGD(target.parameters(), lr=0.0)
+    guided = GuidedModel(target, guide, weight=20.0, tensor_cap=0.2, tensor_cap_after=0, optimizer=opt)
+    ids = torch.randint(0, 40, (12, 10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # HF notices
+        out = guided(input_ids=ids, labels=ids)
+    logits = out.logits[:, :-1].flatten(0, 1)
+    task = nn.functional.cross_entropy(logits, ids[:, 1:].flatten())
+    assert float(task.detach()) == pytest.approx(float((out.loss - guided.alignment_loss).detach()), rel=1e-5)
+    assert _check(task, out.loss, guided.alignment_loss, target, 0.2)
+
+
+def test_settings_are_validated() -> None:
+    target, guide = _nets()
+    for bad in (0, -1.0, float("inf"), "1", True):
+        with pytest.raises(ConfigError, match="tensor_cap must be"):
+            GuidedModel(target, guide, tensor_cap=bad)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="tensor_cap_after"):
+            GuidedModel(target, guide, tensor_cap=1.0, tensor_cap_after=bad)
+
+
+def _train(guided: GuidedModel, opt: torch.optim.Optimizer, steps: range) -> None:
+    for step in steps:
+        x, y = _batch(step)
+        loss = guided.total_loss(nn.functional.cross_entropy(guided(x), y))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_resume_continues_the_cap_bit_identically(tmp_path: Path) -> None:
+    settings = {"weight": 5.0, "tensor_cap": 0.5, "tensor_cap_after": 3}
+    target, guide = _nets()
+    straight_target = copy.deepcopy(target)
+    opt = torch.optim.Adam(straight_target.parameters(), lr=1e-2)
+    straight = GuidedModel(straight_target, copy.deepcopy(guide), optimizer=opt, **settings)
+    _train(straight, opt, range(10))
+
+    first_opt = torch.optim.Adam(target.parameters(), lr=1e-2)
+    first = GuidedModel(target, copy.deepcopy(guide), optimizer=first_opt, **settings)
+    _train(first, first_opt, range(5))  # past the switch: some tensors' state cleared
+    assert first.engine.strength.tensors.cleared
+    torch.save({"model": first.state_dict(), "opt": first_opt.state_dict()}, tmp_path / "ckpt.pt")
+
+    resumed_target, _ = _nets(seed=5)
+    resumed_opt = torch.optim.Adam(resumed_target.parameters(), lr=1e-2)
+    resumed = GuidedModel(resumed_target, copy.deepcopy(guide), optimizer=resumed_opt, **settings)
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    resumed.load_state_dict(state["model"])
+    resumed_opt.load_state_dict(state["opt"])
+    assert resumed.engine.strength.tensors.state_dict() == first.engine.strength.tensors.state_dict()
+    _train(resumed, resumed_opt, range(5, 10))
+    for a, b in zip(straight_target.parameters(), resumed_target.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_compiled_target_is_capped_from_eager_total_loss_without_a_graph_break() -> None:
+    target, guide = _nets()
+    guided = GuidedModel(torch.compile(target, backend="aot_eager"), guide, weight=5.0, tensor_cap=0.5,
+                         tensor_cap_after=0, optimizer=torch.optim.SGD(target.parameters(), lr=0.0))  # fmt: skip
+    x, y = _batch(0)
+    guided(x)  # plans
+    explained = torch._dynamo.explain(lambda: guided(x))()
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+    task = nn.functional.cross_entropy(guided(x), y)
+    total = guided.total_loss(task)
+    assert _check(task, total, guided.alignment_loss, target, 0.5)
+
+
+def test_the_output_loss_path_inside_a_compiled_forward_names_the_fix() -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=16)
+    torch.manual_seed(0)
+    target, guide = transformers.GPT2LMHeadModel(cfg), transformers.GPT2LMHeadModel(cfg)
+    target.loss_type = "ForCausalLM"
+    guided = GuidedModel(target, guide, tensor_cap=1.0)
+    ids = torch.randint(0, 40, (8, 8))
+    guided(input_ids=ids, labels=ids)
+    with pytest.raises(Exception, match="add_to_output_loss=False"):
+        torch.compile(lambda: guided(input_ids=ids, labels=ids).loss, backend="eager", fullgraph=True)()
+
+
+# --------------------------------------------------------------------------- the persistence warning
+
+
+def _convnet() -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(12):
+        layers += [nn.Conv2d(1 if i == 0 else 8, 8, 3, padding=1, stride=2 if i in (4, 8) else 1), nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+
+def test_the_persistence_warning_fires_on_a_plain_convnet_and_names_the_tensors_and_the_fix() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    target = _convnet()
+    guide = torchvision.models.resnet18(weights=None, num_classes=10)
+    guide.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    opt = torch.optim.Adam(target.parameters(), lr=1e-3)
+    guided = GuidedModel(target, guide.eval(), layers="sublayers", tensor_cap_after=20, optimizer=opt)
+    gen = torch.Generator().manual_seed(0)
+    caught = []
+    for step in range(21):
+        x, y = torch.rand(32, 1, 16, 16, generator=gen), torch.randint(0, 10, (32,), generator=gen)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            loss = guided.total_loss(nn.functional.cross_entropy(guided(x), y))
+        caught += [(step, str(w.message)) for w in seen if issubclass(w.category, GuidewrapWarning)]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert [step for step, _ in caught] == [20]  # once, after the first steps (not the first step's pull)
+    assert re.search(
+        r"over 100 times the task loss's in \d+ of \d+ trainable tensors \(worst: '[\w.]+', [\d.e+]+ times",
+        caught[0][1],
+    )
+    assert "tensor_cap=1" in caught[0][1]
+    assert guided.guidance_metrics()["guidance_max_tensor_pull"] > PERSISTENT_PULL
+
+
+RECORDED = Path(__file__).resolve().parents[1] / "docs" / "data" / "tensor-pulls"
+
+
+@pytest.mark.parametrize("path", sorted(RECORDED.glob("*.json")), ids=lambda p: p.stem)
+def test_recorded_runs_warn_on_the_convnet_only(path: Path) -> None:
+    """The tensor pulls measured after 100 guided steps of each documented run (examples/tensor_trace.py
+    --record): the check that warns on them fires for the plain ConvNet at the default and for none of the
+    demo, copy-paste and character-LM runs at their documented settings."""
+    record = json.loads(path.read_text(encoding="utf-8"))
+    named = [(name, torch.zeros(())) for name in record["tensors"]]
+    cap = TensorCap(None, after=record["after"])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        cap._warn_if_persistent(named, record["grad_task"], record["grad_term"])
+    fired = [w for w in seen if issubclass(w.category, GuidewrapWarning)]
+    assert bool(fired) == record["task"].startswith("conv"), (record["task"], cap.largest)
+
+
+def test_no_warning_without_a_persistent_domination() -> None:
+    cap = TensorCap(None, after=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GuidewrapWarning)
+        cap._warn_if_persistent([("a", torch.zeros(())), ("b", torch.zeros(()))], [1.0, 1e-3], [50.0, 0.09])
+    assert cap.largest == pytest.approx(90.0)
+    assert not math.isinf(cap.largest)
