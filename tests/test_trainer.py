@@ -329,3 +329,32 @@ def test_checkpoints_record_the_plan_and_a_resume_with_another_plan_warns(tmp_pa
         trainer_for("other", layers="blocks").train(resume_from_checkpoint=checkpoint)
     later = json.loads((tmp_path / "other" / "checkpoint-4" / "trainer_state.json").read_text())
     assert later["stateful_callbacks"]["guidewrap_plan"]["settings"]["layers"] == "blocks"  # this run's plan
+
+
+def test_a_hyperparameter_search_guides_each_trials_model_with_its_settings(tmp_path: Path) -> None:
+    """model_init re-creates the model every trial: the callback follows it (else it would guide the first
+    trial's stale model), trial parameters guidance_<setting> set that trial's settings, and
+    guidance_enabled=False trains a trial unguided (the paired baseline)."""
+    optuna = pytest.importorskip("optuna")
+    guide = _gpt2()
+    calls = _guide_forwards(guide)
+    trainer = Trainer(model_init=lambda trial=None: _rnn(), args=_args(tmp_path, max_steps=2, logging_steps=1),
+                      train_dataset=CORPUS.dataset(), eval_dataset=CORPUS.dataset())  # fmt: skip
+    callback = guide_trainer(trainer, guide)
+    seen = []
+
+    def hp_space(trial: optuna.Trial) -> dict:
+        if trial.number == 0:
+            return {"guidance_enabled": trial.suggest_categorical("guidance_enabled", [False])}
+        return {"guidance_weight": trial.suggest_categorical("guidance_weight", [2.5])}
+
+    def objective(metrics: dict) -> float:
+        seen.append((calls[0], callback.engine.config.weight, callback.engine.target is trainer.model))
+        return metrics["eval_loss"]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.hyperparameter_search(hp_space=hp_space, compute_objective=objective, backend="optuna", n_trials=2)
+    assert seen[0][0] == 0  # the unguided trial never ran the guide
+    assert seen[1][0] > 0 and seen[1][1] == 2.5 and seen[1][2]  # the trial's weight, on the trial's model
+    assert callback.hook_count == 0

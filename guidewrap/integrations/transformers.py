@@ -76,14 +76,35 @@ class GuidanceCallback(TrainerCallback):
 
     def __init__(self, trainer: Any, guide: nn.Module, config: GuidanceConfig) -> None:
         self.trainer = trainer
+        self.guide = guide
         # The term goes in through compute_loss (which knows the Trainer's normalisation),
         # never twice through the model's output loss.
-        self.engine = GuidanceEngine(trainer.model, guide, dataclasses.replace(config, add_to_output_loss=False))
-        self.engine.steps.has_source = True  # the Trainer's global_step drives it (on_step_end)
+        self.config = dataclasses.replace(config, add_to_output_loss=False)
+        self.engine = self._engine_for(trainer.model, self.config)
+        self.enabled = True  # a hyperparameter-search trial may train unguided (guidance_enabled=False)
+        self._trial_settings: dict[str, Any] = {}
         self._root_hooks = HookSet()
         self._sums: dict[str, float] = {}
         self._count = 0
         self._guided = False  # the latest forward was guided: its term is added once, in compute_loss
+
+    def _engine_for(self, model: Any, config: GuidanceConfig) -> GuidanceEngine:
+        engine = GuidanceEngine(model, self.guide, config)
+        engine.steps.has_source = True  # the Trainer's global_step drives it (on_step_end)
+        return engine
+
+    def _follow_the_run(self, state: Any) -> None:
+        """A hyperparameter search re-creates the model every trial (``model_init``) and may set guidance
+        settings: trial parameters named ``guidance_<setting>`` (``guidance_weight``, ``guidance_tensor_cap``,
+        ...) override the settings for that trial, and ``guidance_enabled=False`` trains it unguided."""
+        params = getattr(state, "trial_params", None) or {}
+        settings = {key[len("guidance_") :]: value for key, value in params.items() if key.startswith("guidance_")}
+        self.enabled = bool(settings.pop("enabled", True))
+        model = unwrap_model(self.trainer.model)
+        if model is not self.engine.target or settings != self._trial_settings:
+            self.engine.close()
+            self.engine = self._engine_for(model, GuidanceConfig.build(self.config, **settings))
+            self._trial_settings = settings
 
     # ------------------------------------------------------------------ hooks on the bare model
 
@@ -153,9 +174,12 @@ class GuidanceCallback(TrainerCallback):
     # ------------------------------------------------------------------ Trainer events
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._follow_the_run(state)
+        self._sums, self._count = {}, 0
         self.engine.set_step(state.global_step)  # resumed runs continue the window
-        if kwargs.get("optimizer") is not None:  # a tensor cap clears the state of the tensors it caps
-            self.engine.steps.remember_optimizer(kwargs["optimizer"])
+        optimizer = kwargs.get("optimizer") or getattr(self.trainer, "optimizer", None)
+        if optimizer is not None:  # a tensor cap clears the state of the tensors it caps
+            self.engine.steps.remember_optimizer(optimizer)
         records = getattr(state, "stateful_callbacks", None)
         record = records.pop(PLAN_KEY, None) if isinstance(records, dict) else None
         if isinstance(record, dict):  # a resumed checkpoint's plan: a different plan warns, and this
@@ -163,7 +187,7 @@ class GuidanceCallback(TrainerCallback):
         strength = records.get(STRENGTH_KEY) if isinstance(records, dict) else None
         if isinstance(strength, dict):  # the strength controller continues where the checkpoint left it
             self.engine.strength.load_state_dict(strength)
-        if not self.engine.steps.schedule.is_finished(state.global_step):
+        if self.enabled and not self.engine.steps.schedule.is_finished(state.global_step):
             self.attach()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
