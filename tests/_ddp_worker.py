@@ -208,6 +208,29 @@ def strength(out: str) -> None:
     torch.save({"scales": scales, "pull": guided.engine.strength.pull}, f"{out}/rank{rank}.pt")
 
 
+def tensor_cap(out: str) -> None:
+    """tensor_cap under DDP: each process caps from the gradients as DDP applies them (averaged), so both
+    scale each tensor's term alike, as one process would on the whole batch; three steps, capped from the
+    second."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    target, guide = models()
+    opt = torch.optim.SGD(target.parameters(), lr=0.1, momentum=0.9)
+    guided = GuidedModel(target, guide, weight=5.0, tensor_cap=0.5, tensor_cap_after=1, optimizer=opt)
+    model = DistributedDataParallel(guided)
+    x, y = batch()
+    part = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+    factors = []
+    for step in range(3):
+        rows = torch.roll(torch.arange(len(x)), step * 5)[part]
+        loss = guided.total_loss(nn.functional.cross_entropy(model(x[rows]), y[rows]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        factors.append(dict(guided.engine.strength.tensors.factors))
+    params = {n: p.detach().clone() for n, p in target.named_parameters()}
+    torch.save({"factors": factors, "params": params}, f"{out}/rank{rank}.pt")
+
+
 def main(out: str, mode: str) -> None:
     if CUDA:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -218,8 +241,8 @@ def main(out: str, mode: str) -> None:
         dist.barrier()
         dist.destroy_process_group()
         return
-    if mode in ("missing", "strength"):
-        {"missing": missing, "strength": strength}[mode](out)
+    if mode in ("missing", "strength", "tensor_cap"):
+        {"missing": missing, "strength": strength, "tensor_cap": tensor_cap}[mode](out)
         dist.barrier()
         dist.destroy_process_group()
         return

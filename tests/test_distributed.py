@@ -162,11 +162,31 @@ def test_left_padding_with_per_process_lengths_is_refused_naming_the_fix(tmp_pat
 
 
 def test_strength_gives_every_process_the_same_weight(tmp_path: Path) -> None:
-    """strength= under DDP: the measured squared norms are averaged over processes, so each step's
-    weight is the same on both (a different weight per process would train a different loss on each)."""
+    """strength= under DDP: the pull is measured on the gradients as DDP applies them (averaged over
+    processes), so each step's weight is the same on both (a different weight per process would train a
+    different loss on each)."""
     ranks = _launch(tmp_path, "strength")
     assert ranks[0]["scales"] == ranks[1]["scales"] and len(set(ranks[0]["scales"])) == 3
     assert ranks[0]["pull"] == pytest.approx(0.3)
+
+
+def test_tensor_cap_scales_every_tensor_alike_on_every_process_as_one_process_would(tmp_path: Path) -> None:
+    ranks = _launch(tmp_path, "tensor_cap")
+    assert ranks[0]["factors"] == ranks[1]["factors"] and ranks[0]["factors"][0] == {}  # uncapped first step
+    assert any(f < 1 for f in ranks[0]["factors"][1].values())
+    target, guide = models()  # one process, the whole batch of each step
+    opt = torch.optim.SGD(target.parameters(), lr=0.1, momentum=0.9)
+    guided = GuidedModel(target, guide, weight=5.0, tensor_cap=0.5, tensor_cap_after=1, optimizer=opt)
+    x, y = batch()
+    for step in range(3):
+        rows = torch.roll(torch.arange(len(x)), step * 5)
+        loss = guided.total_loss(nn.functional.cross_entropy(guided(x[rows]), y[rows]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert guided.engine.strength.tensors.factors == pytest.approx(ranks[0]["factors"][step], rel=1e-4)
+    for name, p in target.named_parameters():
+        torch.testing.assert_close(ranks[0]["params"][name], p.detach(), rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("script_shape", ["trainer", "accelerate"])

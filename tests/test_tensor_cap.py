@@ -257,3 +257,101 @@ def test_no_warning_without_a_persistent_domination() -> None:
         cap._warn_if_persistent([("a", torch.zeros(())), ("b", torch.zeros(()))], [1.0, 1e-3], [50.0, 0.09])
     assert cap.largest == pytest.approx(90.0)
     assert not math.isinf(cap.largest)
+
+
+# --------------------------------------------------------------------------- the integrations
+
+
+def _capture_totals(monkeypatch: pytest.MonkeyPatch, cap: float, after: int) -> list[int]:
+    """Check every total an engine returns against its task loss as it is returned (before the step's
+    backward); the tensors bound on each capped one."""
+    from guidewrap.engine import GuidanceEngine
+
+    bound: list[int] = []
+    original = GuidanceEngine.total_for
+
+    def total_for(self: GuidanceEngine, task_loss: Tensor) -> Tensor:
+        total = original(self, task_loss)
+        if self.strength.tensors.steps > after:
+            bound.append(_check(task_loss, total, self.strength.loss, self.target, cap))
+        return total
+
+    monkeypatch.setattr(GuidanceEngine, "total_for", total_for)
+    return bound
+
+
+def test_guide_trainer_caps_every_micro_batch_under_accumulation(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    transformers = pytest.importorskip("transformers")
+    from lab.language import CharCorpus, tiny_gpt2
+
+    from guidewrap.integrations.transformers import guide_trainer
+
+    bound = _capture_totals(monkeypatch, 0.2, after=2)
+    corpus = CharCorpus("the quick brown fox jumps over the lazy dog. " * 40, seq_len=12)
+    torch.manual_seed(0)
+    model = tiny_gpt2(corpus.vocab_size, n_layer=2, n_embd=16, n_head=2, n_positions=32)
+    guide = tiny_gpt2(corpus.vocab_size, n_layer=2, n_embd=8, n_head=2, n_positions=32)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8, gradient_accumulation_steps=2,
+        learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no",
+    )  # fmt: skip
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=corpus.dataset())
+    callback = guide_trainer(trainer, guide, weight=20.0, tensor_cap=0.2, tensor_cap_after=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    assert len(bound) == 4 and any(bound)  # micro-batches 3-6 of 3 steps x 2, each against its task loss
+    assert callback.engine.steps.optimizers and callback.engine.strength.tensors.cleared  # the Trainer's optimizer
+    assert all("guidance_tensors_capped" in row for row in trainer.state.log_history[1:] if "loss" in row)
+
+
+def test_accelerate_caps_under_accumulation(monkeypatch) -> None:  # noqa: ANN001
+    pytest.importorskip("accelerate")
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    bound = _capture_totals(monkeypatch, 0.5, after=2)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    target, guide = _nets()
+    optimizer = torch.optim.Adam(target.parameters(), lr=1e-2)
+    guided = GuidedModel(target, guide, weight=5.0, tensor_cap=0.5, tensor_cap_after=2, optimizer=optimizer)
+    model, optimizer = accelerator.prepare(guided, optimizer)
+    for step in range(6):
+        x, y = _batch(step)
+        with accelerator.accumulate(model):
+            loss = guided.total_loss(nn.functional.cross_entropy(model(x), y))
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert guided.step_count == 3 and len(bound) == 4 and any(bound)
+
+
+def test_lightning_caps_the_returned_loss(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    L = pytest.importorskip("lightning")  # noqa: N806
+    from guidewrap.integrations.lightning import GuidanceCallback
+
+    bound = _capture_totals(monkeypatch, 0.5, after=2)
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _nets()[0]
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: tuple[Tensor, Tensor], _: int) -> Tensor:
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    data = torch.utils.data.TensorDataset(*_batch(0))
+    guidance = GuidanceCallback(_nets()[1], weight=5.0, tensor_cap=0.5, tensor_cap_after=2)
+    trainer = L.Trainer(max_steps=4, callbacks=[guidance], accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=16))
+    assert len(bound) == 2 and any(bound)
+    assert guidance.engine.strength.tensors.cleared and "guidance_tensors_capped" in trainer.callback_metrics
