@@ -289,10 +289,14 @@ def _running(values: list[float], pick: Any) -> list[float]:
     return out
 
 
-def report(out: Path, settings: list[str], tasks: Collection[str] = TASKS) -> str:
+def report(out: Path, settings: list[str], tasks: Collection[str] = TASKS, also: Collection[Path] = ()) -> str:
     """The Strength table: per task (of ``tasks``) and setting, score per seed, the paired difference vs
-    alone with its standard error and seeds better, and the runs that collapsed late."""
-    rows = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(out.glob("*.json"))]
+    alone with its standard error and seeds better, and the runs that collapsed late. Runs saved in the
+    ``also`` folders count too, where ``out`` has no run of the same task, setting and seed."""
+    found: dict[str, dict] = {}
+    for folder in (*also, out):  # out last: its runs replace the others'
+        found |= {p.name: json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.json"))}
+    rows = [found[name] for name in sorted(found)]
     header = (
         "| task | setting | score (final step) | per seed | vs alone | SE | seeds better | selected (mean) "
         "| late collapse |"
@@ -352,9 +356,10 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("runs/strength"))
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--also", type=Path, nargs="*", default=[], help="with --report: runs of other studies too")
     a = parser.parse_args()
     torch.set_num_threads(a.threads)
     if a.report:
-        print(report(a.out, [s for s in a.settings if s != "alone"], a.tasks))
+        print(report(a.out, [s for s in a.settings if s != "alone"], a.tasks, a.also))
     else:
         main(a.tasks, a.settings, a.seeds, a.out)

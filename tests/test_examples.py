@@ -110,6 +110,16 @@ def test_strength_study_settings_report_and_collapse_rule(tmp_path: Path) -> Non
     table = study.report(tmp_path, ["default"])
     assert "| copy | default | 0.525 +- 0.106 | 0.600 / 0.450 | +0.075 | 0.025 | 2 / 2 |" in table
     assert "| copy |" not in study.report(tmp_path, ["default"], tasks=["demo"])  # a post-hoc table's tasks only
+    assert study.setting_of("cap=1@100") == {"reduction": "mean", "weight": 1.0, "tensor_cap": 1.0,
+                                             "tensor_cap_after": 100}  # fmt: skip
+    newer = tmp_path / "newer"  # another study's folder: its runs join the table, a run of its own replaces
+    newer.mkdir()
+    for seed, score in ((0, 0.70), (1, 0.55)):
+        record = {"task": "copy", "setting": "cap=1@100", "seed": seed, "score": score} | falls
+        (newer / f"copy__cap=1@100__{seed}.json").write_text(json.dumps(record))
+    both = study.report(newer, ["default", "cap=1@100"], also=[tmp_path])
+    assert "| copy | cap=1@100 | 0.625 +- 0.106 | 0.700 / 0.550 | +0.175 | 0.025 | 2 / 2 |" in both
+    assert "| copy | default | 0.525" in both
 
 
 def test_collapse_trace_records_every_step() -> None:
@@ -120,3 +130,14 @@ def test_collapse_trace_records_every_step() -> None:
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert rows[0]["pull"] == pytest.approx(0.3, rel=1e-3)  # measured on the first step, then held
     assert all(len(r["cka"]) == 6 and len(r["conditioning"]) == 6 for r in rows)
+
+
+def test_tensor_trace_records_each_tensors_two_gradients() -> None:
+    trace = _load("tensor_trace")
+    record = trace.trace("demo", "demo/tensor_cap=1.0/tensor_cap_after=1", seed=0, steps=3, stats_every=2)
+    names, rows = record["tensors"], record["rows"]
+    assert len(rows) == 3 and all(len(r["grad_task"]) == len(r["grad_term"]) == len(names) for r in rows)
+    assert rows[0]["grad_applied"] is not None and "layers" in rows[0] and "layers" not in rows[1]
+    capped = rows[1]  # from the second step on: the applied term is at most the task's, tensor by tensor
+    assert all(a <= 1.0001 * k for a, k in zip(capped["grad_applied"], capped["grad_task"], strict=True))
+    assert "| step | task loss |" in trace.report(record, at=(1, 3))
