@@ -127,30 +127,46 @@ def test_lora_plan_does_not_gain_a_frozen_layer_under_checkpointing() -> None:
     assert len(names) == len(plain.plan()) and not any(name.endswith("h.0.ln_1") for name in names)
 
 
-def test_lora_with_checkpointing_through_the_trainer_matches_the_unchecked_run(tmp_path) -> None:  # noqa: ANN001
+def _lora_trainer_step(tmp_path, checkpointing: dict | None) -> tuple[dict, dict[str, torch.Tensor]]:  # noqa: ANN001
+    """One Trainer step of LoRA GPT-2 guided by a GPT-2 of another width: the logged row and the adapters'
+    gradients as the optimizer receives them."""
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     from guidewrap.integrations.transformers import guide_trainer
 
     ids = torch.randint(0, 50, (16, 10), generator=torch.Generator().manual_seed(4))
     data = [{"input_ids": row, "labels": row} for row in ids]
-    logs = []
-    for checkpointing in (False, True):
-        target = peft.get_peft_model(_tiny_gpt2(), peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
-        args = transformers.TrainingArguments(
-            str(tmp_path / str(checkpointing)), max_steps=1, per_device_train_batch_size=16, learning_rate=0.0,
-            logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no",
-            gradient_checkpointing=checkpointing, seed=0,
-        )  # fmt: skip
-        trainer = transformers.Trainer(model=target, args=args, train_dataset=data)
-        guide_trainer(trainer, _tiny_gpt2(16, seed=1))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            trainer.train()
-        logs.append(next(row for row in trainer.state.log_history if "guidance_loss" in row))
-    assert logs[1]["guidance_loss"] == pytest.approx(logs[0]["guidance_loss"], rel=1e-5)
-    assert logs[1]["guidance_pull"] == pytest.approx(logs[0]["guidance_pull"], rel=1e-4)
-    assert logs[0]["guidance_pull"] < 1e6  # the term reaches the adapters (it was logged as inf)
+    target = peft.get_peft_model(_tiny_gpt2(), peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    grads: dict[str, torch.Tensor] = {}
+
+    class KeepGrads(transformers.TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
+            grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    args = transformers.TrainingArguments(
+        str(tmp_path / str(bool(checkpointing))), max_steps=1, per_device_train_batch_size=16, learning_rate=1e-3,
+        logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no",
+        gradient_checkpointing=checkpointing is not None, gradient_checkpointing_kwargs=checkpointing, seed=0,
+        max_grad_norm=0.0,
+    )  # fmt: skip
+    trainer = transformers.Trainer(model=target, args=args, train_dataset=data, callbacks=[KeepGrads()])
+    guide_trainer(trainer, _tiny_gpt2(16, seed=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    return next(row for row in trainer.state.log_history if "guidance_loss" in row), grads
+
+
+def test_lora_with_checkpointing_through_the_trainer_matches_the_unchecked_run(tmp_path) -> None:  # noqa: ANN001
+    plain_row, plain_grads = _lora_trainer_step(tmp_path, None)
+    ckpt_row, ckpt_grads = _lora_trainer_step(tmp_path, {"use_reentrant": False})
+    assert ckpt_row["guidance_loss"] == pytest.approx(plain_row["guidance_loss"], rel=1e-5)
+    assert ckpt_row["guidance_pull"] == pytest.approx(plain_row["guidance_pull"], rel=1e-4)
+    assert plain_row["guidance_pull"] < 1e6  # the term reaches the adapters (it was logged as inf)
+    assert plain_grads and any("lora" in name for name in plain_grads)
+    _same_grads(ckpt_grads, plain_grads)
+    with pytest.raises(ConfigError, match="use_reentrant=False"):
+        _lora_trainer_step(tmp_path, {"use_reentrant": True})
 
 
 # --------------------------------------------------------------------------- 3-4. generation, inference mode
