@@ -35,6 +35,7 @@ Examples:
 
 from __future__ import annotations
 
+import collections
 import math
 import warnings
 from collections.abc import Sequence
@@ -101,8 +102,10 @@ class TensorCap:
         g_task, g_term = _gradients(task_loss, term, leaves)
         where = {id(p): i for i, p in enumerate(leaves)}
         rows = [where.get(id(p)) for _, p in named]
-        task_norms = [_norm(g_task[i]) if i is not None else 0.0 for i in rows]
-        term_norms = [_norm(g_term[i]) if i is not None else 0.0 for i in rows]
+        task_norms, term_norms = (
+            _norms([g_task[i] if i is not None else None for i in rows]),
+            _norms([g_term[i] if i is not None else None for i in rows]),
+        )
         factors = [1.0] * len(leaves)
         pulls = []
         for (name, param), i, task_norm, term_norm in zip(named, rows, task_norms, term_norms, strict=True):
@@ -118,8 +121,7 @@ class TensorCap:
         self.factors = {name: factors[i] for (name, _), i in zip(named, rows, strict=True) if i is not None}
         self.capped = sum(f < 1 for f in factors)
         self.largest = max(pulls, default=0.0)
-        grads = [_capped_sum(a, b, f) for a, b, f in zip(g_task, g_term, factors, strict=True)]
-        return _WithGradients.apply((task_loss + term).detach(), grads, *leaves)
+        return _WithGradients.apply((task_loss + term).detach(), _capped_sums(g_task, g_term, factors), *leaves)
 
     def _clear(self, param: Tensor, optimizers: Sequence[Any]) -> None:
         """Forget the optimizer state of a tensor the cap now binds on (its moments remember the term's
@@ -181,18 +183,31 @@ class _WithGradients(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        if grad.device.type == "cpu" and float(grad) == 1.0:  # loss.backward() itself: no pass over the grads
+            return (None, None, *ctx.grads)
         return (None, None, *(None if g is None else g * grad.to(g.dtype) for g in ctx.grads))
 
 
-def _capped_sum(task: Tensor | None, term: Tensor | None, factor: float) -> Tensor | None:
-    if term is None or factor == 0:
-        return task
-    term = term if factor == 1 else term * factor
-    return term if task is None else task + term
+def _capped_sums(task: Sequence[Tensor | None], term: Sequence[Tensor | None], factors: Sequence[float]) -> list:
+    """``task + factor * term`` per leaf, written into the task's gradient (a fresh tensor of
+    ``autograd.grad``) unless another leaf's gradient is the same tensor."""
+    owners = collections.Counter(a.data_ptr() for a in task if a is not None)
+    out = []
+    for a, b, factor in zip(task, term, factors, strict=True):
+        if b is None or factor == 0:
+            out.append(a)
+        elif a is None:
+            out.append(b if factor == 1 else b * factor)
+        else:
+            out.append(a.add_(b, alpha=factor) if owners[a.data_ptr()] == 1 else a.add(b, alpha=factor))
+    return out
 
 
-def _norm(grad: Tensor | None) -> float:
-    return 0.0 if grad is None else float(grad.detach().double().norm())
+def _norms(grads: Sequence[Tensor | None]) -> list[float]:
+    """Each gradient's norm (0 for none), in one host read."""
+    present = [g.detach() for g in grads if g is not None]
+    values = iter(torch.stack(torch._foreach_norm(present)).double().tolist() if present else [])
+    return [0.0 if g is None else next(values) for g in grads]
 
 
 def _leaves(*losses: Tensor) -> list[Tensor]:
@@ -225,4 +240,4 @@ def _gradients(task_loss: Tensor, term: Tensor, leaves: Sequence[Tensor]) -> tup
 def _tensor_norms(task_loss: Tensor, term: Tensor, params: Sequence[Tensor]) -> tuple[list[float], list[float]]:
     """Each tensor's gradient norm from the task loss and from the term (as applied, see _gradients)."""
     g_task, g_term = _gradients(task_loss, term, params)
-    return [_norm(g) for g in g_task], [_norm(g) for g in g_term]
+    return _norms(g_task), _norms(g_term)
