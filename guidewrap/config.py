@@ -56,7 +56,8 @@ class GuidanceConfig:
             target's trainable parameters), re-measured every ``strength_every`` guided steps. Needs
             the task loss: ``guided.total_loss(task_loss)``, a model output's ``loss``, or a
             ``Trainer``. ``None`` (default): the fixed ``weight``, whose pull is measured once and
-            warned about when over 10 or under 0.01.
+            warned about when under 0.01 (a persistent domination is warned about per tensor,
+            see ``tensor_cap``).
         strength_every: guided steps between measurements of the pull (each costs two backward
             passes through the target).
         tensor_cap: cap the term's pull tensor by tensor: from the ``tensor_cap_after``-th guided step

@@ -50,7 +50,9 @@ class GuidanceInterface:
         was not guided). With ``strength=`` this is where the weight is set: every ``strength_every``
         guided steps it is re-measured from the two gradients so that the term's pull is ``strength``
         times the task's. With a fixed ``weight`` the first call measures the pull once and warns when it
-        is over 10 or under 0.01 (the term swamps the task or barely registers).
+        is under 0.01 (the term barely registers); with ``tensor_cap`` the term's gradient is capped tensor by
+        tensor here (and without one, after ``tensor_cap_after`` guided steps a term still over 100 times
+        the task's in some tensor warns).
 
         Examples:
             >>> import torch

@@ -10,7 +10,8 @@ With ``strength=r`` the controller sets the weight so that the pull is ``r``: ``
 which the task loss is known (two extra backward passes through the target each time, none in
 between). Every process of a data-parallel run averages its squared norms first, so all use the same
 weight. With a fixed ``weight`` the pull is measured once, on the first guided step whose task loss is
-known, and a pull over 10 or under 0.01 warns.
+known, and a pull under 0.01 warns (a strong one is judged tensor by tensor, after the first steps:
+:mod:`guidewrap.tensor_cap`).
 
 Examples:
     >>> import torch
