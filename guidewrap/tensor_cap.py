@@ -92,12 +92,13 @@ class TensorCap:
             return task_loss + term  # a forward without gradients (no_grad, eval) is not a step
         capping = self.capping()
         self.steps += 1
-        named = [(n, p) for n, p in target.named_parameters() if p.requires_grad]
         if not capping:
             if self.cap is None and not self.checked and self.steps == self.after + 1:
                 self.checked = True
+                named = [(n, p) for n, p in target.named_parameters() if p.requires_grad]
                 self._warn_if_persistent(named, *_tensor_norms(task_loss, term, [p for _, p in named]))
             return task_loss + term
+        named = [(n, p) for n, p in target.named_parameters() if p.requires_grad]
         leaves = _leaves(task_loss, term)
         g_task, g_term = _gradients(task_loss, term, leaves)
         where = {id(p): i for i, p in enumerate(leaves)}
