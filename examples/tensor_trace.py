@@ -308,6 +308,33 @@ def report(record: dict, at: tuple[int, ...] = (1, 10, 40, 100, 200, 300, 600)) 
     return "\n".join(lines)
 
 
+def compare(records: list[dict], at: tuple[int, ...] = (1, 40, 100, 300)) -> str:
+    """Several traces side by side at a few steps: tensors the term dominates (over 1x) and holds (over
+    100x), the first weight tensor's pull and task gradient, dead channels of the aligned layers, and
+    each run's final score."""
+    lines = [
+        "| run | step | dominated (>1x) | held (>100x) | first tensor: term/task | first tensor: task grad "
+        "| dead channels | final score |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for record in records:
+        names, rows = record["tensors"], record["rows"]
+        first = next(i for i, n in enumerate(names) if "weight" in n.rsplit(".", 1)[-1])
+        label = f"{record['task']} {record['setting']} ({record['optimizer']})"
+        for step in (s for s in at if s <= len(rows)):
+            r = rows[step - 1]
+            ratios = [_ratio(t, k) for t, k in zip(r["grad_term"], r["grad_task"], strict=True)]
+            stats = next((rows[i]["layers"] for i in range(step - 1, -1, -1) if "layers" in rows[i]), {})
+            dead = f"{sum(v['dead'] for v in stats.values())} of {sum(v['channels'] for v in stats.values())}"
+            score = f"{record['final']:.4g}" if step == at[-1] or step == len(rows) else ""
+            lines.append(
+                f"| {label} | {step} | {sum(q > 1 for q in ratios)} of {len(ratios)} | "
+                f"{sum(q > 100 for q in ratios)} of {len(ratios)} | {ratios[first]:.3g} | "
+                f"{r['grad_task'][first]:.2g} | {dead} | {score} |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", default="conv", choices=["conv", "conv-trained", "lstm<-gpt2", "demo", "copy", "lm"])
@@ -318,6 +345,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("runs/trace.json"))
     parser.add_argument("--report", type=Path, help="print the trace saved here")
+    parser.add_argument("--compare", type=Path, nargs="+", help="print these saved traces side by side")
     parser.add_argument(
         "--record", type=Path, help="also write the tensor pulls after --after guided steps here (the warning's check)"
     )
@@ -326,6 +354,9 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     if a.report:
         print(report(json.loads(a.report.read_text(encoding="utf-8"))))
+        return
+    if a.compare:
+        print(compare([json.loads(p.read_text(encoding="utf-8")) for p in a.compare]))
         return
     record = trace(a.task, a.setting, a.seed, a.steps, a.optimizer)
     a.out.parent.mkdir(parents=True, exist_ok=True)
