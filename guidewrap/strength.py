@@ -168,9 +168,13 @@ def _norms(task_loss: Tensor, term: Tensor, params: Sequence[Tensor]) -> tuple[f
     """The two gradients' norms over ``params``; in a data-parallel run, of the gradients as applied
     (averaged over processes), so the pull is one process's on the global batch, the same everywhere."""
     params = [p for p in params if p.requires_grad]
-    norms = []
+    squares = []
     for loss in (task_loss, term):
-        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) if loss.requires_grad else []
-        grads = mean_over_processes(list(grads) or [None] * len(params), params)
-        norms.append(math.sqrt(sum(float(g.detach().double().pow(2).sum()) for g in grads if g is not None)))
-    return norms[0], norms[1]
+        zero = torch.zeros((), device=task_loss.device)
+        if not loss.requires_grad:
+            squares.append(zero)
+            continue
+        grads = mean_over_processes(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True), params)
+        squares.append(sum((g.detach().float().pow(2).sum() for g in grads if g is not None), zero))
+    task_sq, term_sq = torch.stack([s.to(task_loss.device) for s in squares]).tolist()
+    return math.sqrt(task_sq), math.sqrt(term_sq)

@@ -35,7 +35,6 @@ Examples:
 
 from __future__ import annotations
 
-import collections
 import math
 import warnings
 from collections.abc import Sequence
@@ -190,25 +189,20 @@ class _WithGradients(torch.autograd.Function):
 
 
 def _capped_sums(task: Sequence[Tensor | None], term: Sequence[Tensor | None], factors: Sequence[float]) -> list:
-    """``task + factor * term`` per leaf, written into the task's gradient (a fresh tensor of
-    ``autograd.grad``) unless another leaf's gradient is the same tensor."""
-    owners = collections.Counter(a.data_ptr() for a in task if a is not None)
+    """``task + factor * term`` per leaf (the term scaled first, then added: the study's arithmetic)."""
     out = []
     for a, b, factor in zip(task, term, factors, strict=True):
         if b is None or factor == 0:
             out.append(a)
-        elif a is None:
-            out.append(b if factor == 1 else b * factor)
-        else:
-            out.append(a.add_(b, alpha=factor) if owners[a.data_ptr()] == 1 else a.add(b, alpha=factor))
+            continue
+        b = b if factor == 1 else b * factor
+        out.append(b if a is None else a + b)
     return out
 
 
 def _norms(grads: Sequence[Tensor | None]) -> list[float]:
-    """Each gradient's norm (0 for none), in one host read."""
-    present = [g.detach() for g in grads if g is not None]
-    values = iter(torch.stack(torch._foreach_norm(present)).double().tolist() if present else [])
-    return [0.0 if g is None else next(values) for g in grads]
+    """Each gradient's norm (0 for none), computed in float64."""
+    return [0.0 if g is None else float(g.detach().double().norm()) for g in grads]
 
 
 def _leaves(*losses: Tensor) -> list[Tensor]:
