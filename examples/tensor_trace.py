@@ -75,11 +75,11 @@ class Task:
         if name.startswith("conv"):
             self._conv(name.endswith("trained"))
         elif name == "lstm<-gpt2":
-            self._lstm()
+            self._text("lstm", "gpt2")
         elif name == "copy":
             self._copy()
         elif name == "lm":
-            self._char_lm()
+            self._text("rnn", "transformer")
         elif name == "demo":
             self._demo()
         else:
@@ -104,21 +104,6 @@ class Task:
         self.clip = None  # the image study trains unclipped
         self.test = (data["x_test"], data["y_test"])
 
-    def _lstm(self) -> None:
-        corpus = CharCorpus(python_docs_text(), seq_len=50)
-        self.test = torch.stack([row["input_ids"] for row in corpus.dataset("test")])
-
-        def draw(gen: torch.Generator) -> tuple[Tensor, Tensor]:
-            ids = corpus.batch(32, seed=int(torch.randint(0, 2**31, (1,), generator=gen)))["input_ids"]
-            return ids, ids
-
-        models = text_models(corpus.vocab_size, 128)
-        self.target = seeded(self.seed, models["lstm"])
-        self.guide = seeded(self.seed + 1, models["gpt2"])
-        self.batches = batch_stream(self.seed, draw)
-        self.loss = _lm_loss
-        self.pins = {"layers": "sublayers"}
-
     def _copy(self) -> None:
         from lab.copy_paste import CausalTransformer, CopyPasteTask, StackedRNN, held_out_accuracy, task_batches
         from lab.copy_paste import task_loss as copy_loss
@@ -130,7 +115,8 @@ class Task:
         self.pins = {"layers": "sublayers"}
         self.test = lambda: held_out_accuracy(self.target, task, self.seed, 4)
 
-    def _char_lm(self) -> None:
+    def _text(self, target: str, guide: str) -> None:
+        """A language model on CPython's docs as characters (the strength study's text tasks)."""
         corpus = CharCorpus(python_docs_text(), seq_len=50)
         self.test = torch.stack([row["input_ids"] for row in corpus.dataset("test")])
 
@@ -139,8 +125,8 @@ class Task:
             return ids, ids
 
         models = text_models(corpus.vocab_size, 128)
-        self.target = seeded(self.seed, models["rnn"])
-        self.guide = seeded(self.seed + 1, models["transformer"])
+        self.target = seeded(self.seed, models[target])
+        self.guide = seeded(self.seed + 1, models[guide])
         self.batches, self.loss = batch_stream(self.seed, draw), _lm_loss
         self.pins = {"layers": "sublayers"}
 

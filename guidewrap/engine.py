@@ -94,10 +94,8 @@ class GuidanceEngine:
         )
         self.term_in_output = False  # the last forward's output loss holds the term
         self._double_count_checks = 3
-        self._warned_tiny_batch = False
         self._warned_no_grad = False
-        self._warned_unfrozen = False
-        self._left_padded: bool | None = None  # read from the first guided step's mask (None: not yet)
+        self._batches = _BatchChecks(config.distributed)  # what the first guided batches must show
         self.closed = False
         if optimizer is not None:
             self.attach_optimizer(optimizer)
@@ -164,7 +162,7 @@ class GuidanceEngine:
         """Weighted alignment term of the last forward (0 when guidance was off)."""
         loss = self.strength.loss
         if loss is None and self.strength.term is not None:
-            raise ConfigError(_NEEDS_TASK_LOSS.format(self._weighing()))
+            raise ConfigError(_NEEDS_TASK_LOSS.format(self.strength.described()))
         return loss if loss is not None else torch.zeros(())
 
     @property
@@ -237,30 +235,8 @@ class GuidanceEngine:
             if not torch.compiler.is_compiling():
                 self.steps.check_window_can_end(self.readout.guided_forwards)
         self.strength.hold(term, weight)
-        task = output_loss(output) if self.config.add_to_output_loss else None
         self.term_in_output = False
-        if isinstance(task, Tensor):  # the total in force against the output's own loss
-            loss = self.term_for(task)
-            output, with_term = set_loss(output, self.total_for(task))
-        elif self.config.add_to_output_loss and not self.needs_task_loss():  # else: weighed by total_for(task)
-            loss = self.term_for(None)
-            output, with_term = add_to_loss(output, loss)
-        else:
-            return output
-        self.term_in_output = with_term is not None
-        checking = self._double_count_checks and not torch.compiler.is_compiling()  # a diagnostic only
-        if with_term is not None and checking and loss is not None and loss.requires_grad:
-            self._double_count_checks -= 1  # the first steps show the pattern; later ones cost nothing
-            watch_double_count(with_term, loss)
-        return output
-
-    def _weighing(self) -> str:
-        cap = self.config.tensor_cap
-        return f"strength={self.config.strength}" if cap is None else f"tensor_cap={cap}"
-
-    def needs_task_loss(self) -> bool:
-        """Whether the term is weighed against the task loss (strength or a per-tensor cap)."""
-        return self.strength.strength is not None or self.config.tensor_cap is not None
+        return _into_output_loss(self, output) if self.config.add_to_output_loss else output
 
     def total_for(self, task_loss: Tensor) -> Tensor:
         """``task_loss`` plus the last guided forward's term in force against it (its pull measured when
@@ -281,47 +257,22 @@ class GuidanceEngine:
         self.strength.hold(None)
 
     def _open_step(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> GuidedStep:
-        if self.readout.guided_forwards == 0 and not torch.compiler.is_compiling():
-            check_not_packed(kwargs)  # a collator packs every batch or none: the first one tells
+        self._batches.check_packing(kwargs, self.readout.guided_forwards)
         routed = self.planner.route(args, kwargs)
         self._shape.target_dtype = float_dtype(self.target)
-        world = distributed.world_size(self.config.distributed)
-        if self.readout.guided_forwards < 3 and not self._warned_tiny_batch and not torch.compiler.is_compiling():
-            self._warned_tiny_batch = _warn_if_few_distinct(args, kwargs, routed.n, routed.axes[0], world)
-        if self._left_padded is None and routed.mask is not None and routed.mask.dim() == 2:
-            # The collator's padding side does not change: one host read, needed with several processes.
-            self._left_padded = world > 1 and bool(((routed.mask[:, 0] == 0) & (routed.mask[:, -1] != 0)).any())
+        self._batches.check(args, kwargs, routed, self.readout.guided_forwards)
         if self.planner.plan is None:
             routed = self._resolve(args, kwargs, routed)
         plan = self.plan()
         self._install_taps(plan)
         if not torch.compiler.is_compiling():
             self._taps.keep_last()  # a user's hook added later may replace an output: measure what the net uses
-            self._warn_if_unfrozen()
+            self.planner.warn_if_unfrozen()
         step = GuidedStep(routed, copy=self.planner.copied)
-        step.prepared = reduce_guide(
-            self.guide,
-            plan,
-            self.metric,
-            routed,
-            self._shape,
-            self._guide_slot,
-            distributed.gatherer(self.config.distributed, self._left_padded),
-        )
+        gather = distributed.gatherer(self.config.distributed, self._batches.left_padded)
+        step.prepared = reduce_guide(self.guide, plan, self.metric, routed, self._shape, self._guide_slot, gather)
         self.readout.count("guide_forwards")
         return step
-
-    def _warn_if_unfrozen(self) -> None:
-        if self._warned_unfrozen or not (unfrozen := self.planner.unfrozen()):
-            return
-        self._warned_unfrozen = True
-        warnings.warn(
-            f"target layers {', '.join(map(repr, unfrozen[:3]))} were left out of the plan as frozen and are "
-            "trainable now: the plan is made at the first guided step, so they are not guided. To guide them, "
-            "create the guidance after unfreezing them (or name the pairs in layers=...)",
-            GuidewrapWarning,
-            stacklevel=5,
-        )
 
     def _finish(self, step: GuidedStep, weight: float | Tensor) -> Tensor:
         plan = self.plan()
@@ -334,7 +285,7 @@ class GuidanceEngine:
             weight = weight / len(plan)
         term = alignment_term(
             plan, self.metric, step.captured, step.prepared, step.routed, weight, self._shape, step.routed.n,
-            distributed.gatherer(self.config.distributed, self._left_padded),
+            distributed.gatherer(self.config.distributed, self._batches.left_padded),
         )  # fmt: skip
         self.readout.add(plan, term.readout, term.missing)
         return term.loss
@@ -403,6 +354,48 @@ class GuidanceEngine:
         self.closed = True
 
 
+def _into_output_loss(engine: GuidanceEngine, output: Any) -> Any:
+    """``output`` with the term in force added to the loss it carries (weighed against that loss, capped
+    per tensor with ``tensor_cap``); unchanged when it carries none or the term needs a task loss."""
+    task = output_loss(output)
+    if isinstance(task, Tensor):
+        loss = engine.term_for(task)
+        output, with_term = set_loss(output, engine.total_for(task))
+    elif not engine.strength.needs_task_loss:  # else: weighed by total_for(task) later
+        loss = engine.term_for(None)
+        output, with_term = add_to_loss(output, loss)
+    else:
+        return output
+    engine.term_in_output = with_term is not None
+    checking = engine._double_count_checks and not torch.compiler.is_compiling()  # a diagnostic only
+    if with_term is not None and checking and loss is not None and loss.requires_grad:
+        engine._double_count_checks -= 1  # the first steps show the pattern; later ones cost nothing
+        watch_double_count(with_term, loss)
+    return output
+
+
+class _BatchChecks:
+    """The checks the first guided batches get: not packed, more than 2 distinct samples, and (read once,
+    needed with several processes) whether the collator pads on the left."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.warned_few = False
+        self.left_padded: bool | None = None  # read from the first guided step's mask (None: not yet)
+
+    def check_packing(self, kwargs: Mapping[str, Any], guided_forwards: int) -> None:
+        if guided_forwards == 0 and not torch.compiler.is_compiling():
+            check_not_packed(kwargs)  # a collator packs every batch or none: the first one tells
+
+    def check(self, args: tuple[Any, ...], kwargs: Mapping[str, Any], routed: Any, guided_forwards: int) -> None:
+        world = distributed.world_size(self.mode)
+        if guided_forwards < 3 and not self.warned_few and not torch.compiler.is_compiling():
+            self.warned_few = _warn_if_few_distinct(args, kwargs, routed.n, routed.axes[0], world)
+        if self.left_padded is None and routed.mask is not None and routed.mask.dim() == 2:
+            # The collator's padding side does not change: one host read, needed with several processes.
+            self.left_padded = world > 1 and bool(((routed.mask[:, 0] == 0) & (routed.mask[:, -1] != 0)).any())
+
+
 def _warn_if_few_distinct(args: tuple[Any, ...], kwargs: Mapping[str, Any], n: int, axis: int, world: int) -> bool:
     """Warn (and say so) when the batch holds 2 or fewer distinct samples: CKA is then 1 for any layers."""
     distinct = n * world if world > 1 else distinct_samples(args, kwargs, axis)
@@ -413,6 +406,6 @@ def _warn_if_few_distinct(args: tuple[Any, ...], kwargs: Mapping[str, Any], n: i
         f"{distinct} distinct samples have rank {max(distinct - 1, 0)}, so CKA is 1 for any layers and the "
         "alignment term is 0 (nothing is guided); use batches of 8 or more distinct samples",
         GuidewrapWarning,
-        stacklevel=5,
+        stacklevel=6,
     )
     return True

@@ -325,25 +325,21 @@ def _tensor_or_none(value: Any) -> Tensor | None:
 
 
 def check_not_packed(kwargs: Mapping[str, Any]) -> None:
-    """Refuse padding-free packing: several sequences in one row, told by ``position_ids`` that restart
-    inside a row or by flash-attention's ``cu_seq_lens_*`` (``DataCollatorWithFlattening``, TRL's
-    ``padding_free=True``). CKA compares samples, the rows of a batch.
+    """Refuse padding-free packing (``DataCollatorWithFlattening``, TRL's ``padding_free=True``):
+    ``position_ids`` that restart inside a row, or ``cu_seq_lens_*``. CKA compares a batch's rows.
 
     Examples:
         >>> import torch
-        >>> check_not_packed({"position_ids": torch.tensor([[0, 1, 2, 0, 1]])})
+        >>> check_not_packed({"position_ids": torch.tensor([[0, 1, 2, 0, 1]])})  # doctest: +ELLIPSIS
         Traceback (most recent call last):
-        ...
         guidewrap.errors.ConfigError: padding-free packing: ...
     """
-    positions, mask = kwargs.get("position_ids"), kwargs.get("attention_mask")
-    restarts = False
+    positions, mask, restarts = kwargs.get("position_ids"), kwargs.get("attention_mask"), False
     if isinstance(positions, Tensor) and positions.dim() == 2 and positions.shape[1] > 1:
         # A position that falls back between two attended tokens (padding, on either side, is not one).
-        attended = mask.bool() if isinstance(mask, Tensor) and mask.shape == positions.shape else None
         falls = positions[:, 1:] < positions[:, :-1]
-        if attended is not None:
-            falls &= attended[:, 1:] & attended[:, :-1]
+        if isinstance(mask, Tensor) and mask.shape == positions.shape:
+            falls &= mask[:, 1:].bool() & mask[:, :-1].bool()
         restarts = bool(falls.any())
     if not (restarts or any(key.startswith("cu_seq_lens") for key in kwargs)):
         return
@@ -364,7 +360,7 @@ def _mismatch(args: tuple[Any, ...], kwargs: Mapping[str, Any], batch_dim: int, 
     other = [] if tensor is None else [i for i, size in enumerate(tensor.shape) if size == g_n and i != batch_dim]
     why = (
         f"the guide's input has {g_n} samples on axis {g_axis} but the target's input was read as {n} samples on "
-        f"axis {batch_dim}; CKA compares the same samples, so a guide_inputs adapter must keep the batch. "
+        f"axis {batch_dim}; CKA compares the same samples, so a guide_inputs adapter must keep the batch size. "
     )
     if other:
         return why + (

@@ -53,6 +53,7 @@ class Planner:
         self.copied: frozenset[str] = frozenset()  # target layers whose output is changed in place later
         self._resumed: dict[str, Any] | None = None  # a checkpoint's plan record, checked at planning
         self._frozen: dict[str, list[nn.Parameter]] = {}  # target layers left out as frozen: their parameters
+        self._warned_unfrozen = False
 
     def route(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Routed:
         """One step's inputs routed to the guide, with the batch axes settled so far."""
@@ -85,10 +86,22 @@ class Planner:
         self._check_resumed()
         return routed
 
-    def unfrozen(self) -> list[str]:
-        """Target layers left out of the plan as frozen that have trainable parameters now (progressive
-        unfreezing): the plan is made once, so they stay unguided."""
-        return [name for name, params in self._frozen.items() if any(p.requires_grad for p in params)]
+    def warn_if_unfrozen(self) -> None:
+        """Once: target layers left out of the plan as frozen have trainable parameters now (progressive
+        unfreezing); the plan is made once, so they stay unguided."""
+        if self._warned_unfrozen:
+            return
+        unfrozen = [name for name, params in self._frozen.items() if any(p.requires_grad for p in params)]
+        if not unfrozen:
+            return
+        self._warned_unfrozen = True
+        warnings.warn(
+            f"target layers {', '.join(map(repr, unfrozen[:3]))} were left out of the plan as frozen and are "
+            "trainable now: the plan is made at the first guided step, so they are not guided. To guide them, "
+            "create the guidance after unfreezing them (or name the pairs in layers=...)",
+            GuidewrapWarning,
+            stacklevel=5,
+        )
 
     def _probe_side(
         self, side: str, args: tuple[Any, ...], kwargs: dict[str, Any], routed: Routed, notes: list[str]

@@ -91,6 +91,15 @@ class StrengthController:
                 self.task_loss = task_loss.detach()
         return self.loss
 
+    @property
+    def needs_task_loss(self) -> bool:
+        """Whether the term is weighed against the task loss (a strength, or a per-tensor cap)."""
+        return self.strength is not None or self.tensors.cap is not None
+
+    def described(self) -> str:
+        """The setting that weighs the term against the task loss, as a user wrote it."""
+        return f"strength={self.strength}" if self.tensors.cap is None else f"tensor_cap={self.tensors.cap}"
+
     def total(
         self, task_loss: Tensor, params: Callable[[], Sequence[Tensor]], target: Any, optimizers: Sequence[Any]
     ) -> Tensor:

@@ -29,6 +29,42 @@ def mlp(d_in: int = 8, width: int = 16, depth: int = 3, d_out: int = 3) -> nn.Se
     return nn.Sequential(*layers, nn.Linear(width, d_out))
 
 
+def tanh_target_relu_guide(seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    """A tanh MLP target and a ReLU MLP guide over 8 features, 4 classes (the strength and cap tests)."""
+    torch.manual_seed(seed)
+    target = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
+    guide = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    return target, guide
+
+
+def class_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch ``step`` of 32 samples of 8 features and their 4-class labels, the same on every call."""
+    gen = torch.Generator().manual_seed(step)
+    return torch.randn(32, 8, generator=gen), torch.randint(0, 4, (32,), generator=gen)
+
+
+def train_on_class_batches(guided: nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
+    """A plain guided loop over ``class_batch(step)``: cross-entropy through ``guided.total_loss``."""
+    for step in steps:
+        x, y = class_batch(step)
+        loss = guided.total_loss(nn.functional.cross_entropy(guided(x), y))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def tiny_bart_pair(seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    """Two one-layer BART models (d 16, no dropout) built from a config: an encoder-decoder pair."""
+    import transformers
+
+    cfg = transformers.BartConfig(vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1,
+                                  encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                  decoder_ffn_dim=32, max_position_embeddings=32, dropout=0.0,
+                                  attention_dropout=0.0, activation_dropout=0.0)  # fmt: skip
+    torch.manual_seed(seed)
+    return transformers.BartModel(cfg), transformers.BartModel(cfg)
+
+
 def small_cnn(channels: int = 4, d_out: int = 3) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(3, channels, 3, padding=1),

@@ -22,6 +22,7 @@ from torch import nn
 
 from guidewrap import GuidedModel
 from guidewrap.errors import ConfigError, GuidewrapWarning, PlanError
+from tests.conftest import tiny_bart_pair
 
 
 def _cka64(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -230,13 +231,8 @@ def test_a_lora_adapted_layer_is_planned_as_one_layer_with_its_adapted_output(ki
 
 
 def test_decoder_positions_are_not_padded_by_the_source_mask() -> None:
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.BartConfig(vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1,
-                                  encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
-                                  decoder_ffn_dim=32, max_position_embeddings=32, dropout=0.0,
-                                  attention_dropout=0.0, activation_dropout=0.0)  # fmt: skip
-    torch.manual_seed(0)
-    target, guide = transformers.BartModel(cfg), transformers.BartModel(cfg)
+    pytest.importorskip("transformers")
+    target, guide = tiny_bart_pair()
     ids, dec = torch.randint(3, 50, (12, 8)), torch.randint(3, 50, (12, 8))
     mask = torch.ones(12, 8, dtype=torch.long)
     mask[:6, 5:] = 0  # source padded; decoder inputs of the same length, unpadded

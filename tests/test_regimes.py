@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from guidewrap import Guidance, GuidedModel
 from guidewrap.errors import BatchSizeMismatchError, ConfigError, GuidewrapWarning
+from tests.conftest import tiny_bart_pair
 
 
 def _cka64(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -272,13 +273,8 @@ def test_a_lazy_target_is_planned_and_guided_like_its_materialised_twin() -> Non
 
 
 def test_cross_attention_keys_and_values_take_the_source_mask() -> None:
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.BartConfig(vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1,
-                                  encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
-                                  decoder_ffn_dim=32, max_position_embeddings=32, dropout=0.0,
-                                  attention_dropout=0.0, activation_dropout=0.0)  # fmt: skip
-    torch.manual_seed(0)
-    target, guide = transformers.BartModel(cfg), transformers.BartModel(cfg)
+    pytest.importorskip("transformers")
+    target, guide = tiny_bart_pair()
     ids, dec = torch.randint(3, 50, (12, 8)), torch.randint(3, 50, (12, 6))
     mask = torch.ones(12, 8, dtype=torch.long)
     mask[:6, 5:] = 0

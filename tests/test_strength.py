@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from guidewrap import Guidance, GuidedModel
 from guidewrap.errors import ConfigError, GuidewrapWarning
+from tests.conftest import class_batch, tanh_target_relu_guide, train_on_class_batches
 
 
 def _pull(task: Tensor, term: Tensor, model: nn.Module) -> float:
@@ -31,16 +32,7 @@ def _pull(task: Tensor, term: Tensor, model: nn.Module) -> float:
     return norms[0] / norms[1]
 
 
-def _nets(seed: int = 0) -> tuple[nn.Module, nn.Module]:
-    torch.manual_seed(seed)
-    target = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
-    guide = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
-    return target, guide
-
-
-def _batch(step: int) -> tuple[Tensor, Tensor]:
-    gen = torch.Generator().manual_seed(step)
-    return torch.randn(32, 8, generator=gen), torch.randint(0, 4, (32,), generator=gen)
+_nets, _batch, _train = tanh_target_relu_guide, class_batch, train_on_class_batches
 
 
 @pytest.mark.parametrize("strength", [0.05, 0.3, 2.0])
@@ -101,15 +93,6 @@ def test_the_window_and_decay_scale_the_requested_pull() -> None:
         guided.step()
 
 
-def _train(guided: GuidedModel, opt: torch.optim.Optimizer, steps: range) -> None:
-    for step in steps:
-        x, y = _batch(step)
-        loss = guided.total_loss(nn.functional.cross_entropy(guided(x), y))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-
 def test_resume_continues_the_controller_bit_identically(tmp_path: Path) -> None:
     target, guide = _nets()
     straight_target = copy.deepcopy(target)
@@ -158,7 +141,10 @@ def _plain_convnet(depth: int = 20, channels: int = 16) -> nn.Sequential:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10))
 
 
-def test_a_fixed_weight_on_the_plain_convnet_warns_that_the_term_swamps_the_task() -> None:
+def test_a_strong_first_pull_is_logged_not_warned_about_and_a_weak_one_warns() -> None:
+    """The first step's pull is measured and logged; a strong one is not a warning (a run that gains from
+    guidance starts dominated: the demo's pull is 13.6 at step 1), a domination that persists per tensor
+    is (tests/test_tensor_cap.py); a pull under 0.01 still warns that guidance will change little."""
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     target = _plain_convnet()
@@ -166,10 +152,14 @@ def test_a_fixed_weight_on_the_plain_convnet_warns_that_the_term_swamps_the_task
     guide.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)
     x, y = torch.rand(32, 1, 28, 28), torch.randint(0, 10, (32,))
     guided = GuidedModel(target, guide)  # the default: weight 1 on the mean over pairs
-    task = nn.functional.cross_entropy(guided(x), y)
-    with pytest.warns(GuidewrapWarning, match=r"swamps the task's.*strength=r"):
-        guided.total_loss(task)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GuidewrapWarning)
+        guided.total_loss(nn.functional.cross_entropy(guided(x), y))
     assert guided.guidance_metrics()["guidance_pull"] > 10
+    weak = GuidedModel(*_nets(), weight=1e-6)
+    x, y = _batch(0)
+    with pytest.warns(GuidewrapWarning, match="barely registers"):
+        weak.total_loss(nn.functional.cross_entropy(weak(x), y))
 
 
 def test_settings_are_validated() -> None:

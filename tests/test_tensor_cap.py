@@ -23,18 +23,16 @@ from torch import Tensor, nn
 from guidewrap import Guidance, GuidedModel
 from guidewrap.errors import ConfigError, GuidewrapWarning
 from guidewrap.tensor_cap import PERSISTENT_PULL, TensorCap
+from tests.conftest import class_batch, tanh_target_relu_guide, train_on_class_batches
+
+_nets, _batch, _train = tanh_target_relu_guide, class_batch, train_on_class_batches
 
 
-def _nets(seed: int = 0) -> tuple[nn.Module, nn.Module]:
-    torch.manual_seed(seed)
-    target = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
-    guide = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
-    return target, guide
-
-
-def _batch(step: int) -> tuple[Tensor, Tensor]:
-    gen = torch.Generator().manual_seed(step)
-    return torch.randn(32, 8, generator=gen), torch.randint(0, 4, (32,), generator=gen)
+def _gpt2_pair(layers: int) -> tuple[nn.Module, nn.Module]:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=layers, n_head=2, n_positions=16)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg), transformers.GPT2LMHeadModel(cfg)
 
 
 def _pulls(task: Tensor, total: Tensor, model: nn.Module) -> dict[str, float]:
@@ -107,10 +105,7 @@ def test_the_context_caps_and_refuses_a_term_without_the_task_loss() -> None:
 
 
 def test_an_output_loss_carries_the_capped_term() -> None:
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=16)
-    torch.manual_seed(0)
-    target, guide = transformers.GPT2LMHeadModel(cfg), transformers.GPT2LMHeadModel(cfg)
+    target, guide = _gpt2_pair(layers=2)
     opt = torch.optim.SGD(target.parameters(), lr=0.0)
     guided = GuidedModel(target, guide, weight=20.0, tensor_cap=0.2, tensor_cap_after=0, optimizer=opt)
     ids = torch.randint(0, 40, (12, 10))
@@ -131,15 +126,6 @@ def test_settings_are_validated() -> None:
     for bad in (-1, 1.5, True):
         with pytest.raises(ConfigError, match="tensor_cap_after"):
             GuidedModel(target, guide, tensor_cap=1.0, tensor_cap_after=bad)
-
-
-def _train(guided: GuidedModel, opt: torch.optim.Optimizer, steps: range) -> None:
-    for step in steps:
-        x, y = _batch(step)
-        loss = guided.total_loss(nn.functional.cross_entropy(guided(x), y))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
 
 
 def test_resume_continues_the_cap_bit_identically(tmp_path: Path) -> None:
@@ -182,10 +168,7 @@ def test_a_compiled_target_is_capped_from_eager_total_loss_without_a_graph_break
 
 
 def test_the_output_loss_path_inside_a_compiled_forward_names_the_fix() -> None:
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=16)
-    torch.manual_seed(0)
-    target, guide = transformers.GPT2LMHeadModel(cfg), transformers.GPT2LMHeadModel(cfg)
+    target, guide = _gpt2_pair(layers=1)
     target.loss_type = "ForCausalLM"
     guided = GuidedModel(target, guide, tensor_cap=1.0)
     ids = torch.randint(0, 40, (8, 8))
