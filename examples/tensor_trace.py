@@ -238,7 +238,7 @@ def trace(task_name: str, setting_name: str, seed: int, steps: int, optimizer: s
                 "cka": dict(guided.last_alignment),
                 "metrics": {k: v for k, v in guided.guidance_metrics().items() if not k.startswith("guidance_align")},
             }  # fmt: skip
-            if step % stats_every == 0 or step == steps - 1:
+            if step == 0 or (step + 1) % stats_every == 0 or step == steps - 1:
                 row["layers"] = {n: _channel_stats(outputs[n]) for n in layers if n in outputs}
             rows.append(row)
             if (step + 1) % score_every == 0 and step + 1 < steps:
@@ -275,10 +275,11 @@ def report(record: dict, at: tuple[int, ...] = (1, 10, 40, 100, 200, 300, 600)) 
         "|---|---|---|" + "---|" * len(picks) + "---|---|---|---|",
     ]
     rows = record["rows"]
-    for step in (s for s in at if s <= len(rows)):
-        r = rows[step - 1]
+    by_step = {r["step"]: r for r in rows}
+    for step in (s for s in at if s in by_step):
+        r = by_step[step]
         ratios = [_ratio(t, k) for t, k in zip(r["grad_term"], r["grad_task"], strict=True)]
-        stats = next((rows[i]["layers"] for i in range(step - 1, -1, -1) if "layers" in rows[i]), {})
+        stats = _stats_at(rows, step)
         dead = sum(s["dead"] for s in stats.values())
         const = sum(s["constant"] for s in stats.values())
         total = sum(s["channels"] for s in stats.values())
@@ -294,25 +295,38 @@ def report(record: dict, at: tuple[int, ...] = (1, 10, 40, 100, 200, 300, 600)) 
     return "\n".join(lines)
 
 
+def _stats_at(rows: list[dict], step: int) -> dict:
+    """The aligned layers' channel statistics recorded last at or before ``step``."""
+    return next((r["layers"] for r in reversed(rows) if r["step"] <= step and "layers" in r), {})
+
+
+def thin(record: dict, every: int = 10) -> dict:
+    """The record with the first step's, every ``every``-th step's and the layer statistics' rows only
+    (what docs/data keeps)."""
+    keep = [r for r in record["rows"] if r["step"] == 1 or r["step"] % every == 0 or "layers" in r]
+    return record | {"rows": keep}
+
+
 def compare(records: list[dict], at: tuple[int, ...] = (1, 40, 100, 300)) -> str:
     """Several traces side by side at a few steps: tensors the term dominates (over 1x) and holds (over
     100x), the first weight tensor's pull and task gradient, dead channels of the aligned layers, and
     each run's final score."""
     lines = [
         "| run | step | dominated (>1x) | held (>100x) | first tensor: term/task | first tensor: task grad "
-        "| dead channels | final score |",
+        "| dead channels (last measured) | final score |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for record in records:
         names, rows = record["tensors"], record["rows"]
+        by_step = {r["step"]: r for r in rows}
         first = next(i for i, n in enumerate(names) if "weight" in n.rsplit(".", 1)[-1])
         label = f"{record['task']} {record['setting']} ({record['optimizer']})"
-        for step in (s for s in at if s <= len(rows)):
-            r = rows[step - 1]
+        for step in (s for s in at if s in by_step):
+            r = by_step[step]
             ratios = [_ratio(t, k) for t, k in zip(r["grad_term"], r["grad_task"], strict=True)]
-            stats = next((rows[i]["layers"] for i in range(step - 1, -1, -1) if "layers" in rows[i]), {})
+            stats = _stats_at(rows, step)
             dead = f"{sum(v['dead'] for v in stats.values())} of {sum(v['channels'] for v in stats.values())}"
-            score = f"{record['final']:.4g}" if step == at[-1] or step == len(rows) else ""
+            score = f"{record['final']:.4g}" if step == at[-1] or step == rows[-1]["step"] else ""
             lines.append(
                 f"| {label} | {step} | {sum(q > 1 for q in ratios)} of {len(ratios)} | "
                 f"{sum(q > 100 for q in ratios)} of {len(ratios)} | {ratios[first]:.3g} | "
@@ -332,6 +346,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/trace.json"))
     parser.add_argument("--report", type=Path, help="print the trace saved here")
     parser.add_argument("--compare", type=Path, nargs="+", help="print these saved traces side by side")
+    parser.add_argument("--thin", type=Path, help="also write the trace with every 10th step's row only here")
     parser.add_argument(
         "--record", type=Path, help="also write the tensor pulls after --after guided steps here (the warning's check)"
     )
@@ -347,6 +362,9 @@ def main() -> None:
     record = trace(a.task, a.setting, a.seed, a.steps, a.optimizer)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(record), encoding="utf-8")
+    if a.thin:
+        a.thin.parent.mkdir(parents=True, exist_ok=True)
+        a.thin.write_text(json.dumps(thin(record)), encoding="utf-8")
     print(report(record))
     if a.record:
         row = record["rows"][a.after]  # the step the check measures: after `after` guided steps

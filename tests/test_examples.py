@@ -134,10 +134,12 @@ def test_collapse_trace_records_every_step() -> None:
 
 def test_tensor_trace_records_each_tensors_two_gradients() -> None:
     trace = _load("tensor_trace")
-    record = trace.trace("demo", "demo/tensor_cap=1.0/tensor_cap_after=1", seed=0, steps=3, stats_every=2)
+    record = trace.trace(
+        "demo", "demo/tensor_cap=1.0/tensor_cap_after=1", seed=0, steps=3, stats_every=2
+    )  # stats at 1, 2, 3
     names, rows = record["tensors"], record["rows"]
     assert len(rows) == 3 and all(len(r["grad_task"]) == len(r["grad_term"]) == len(names) for r in rows)
-    assert rows[0]["grad_applied"] is not None and "layers" in rows[0] and "layers" not in rows[1]
+    assert rows[0]["grad_applied"] is not None and "layers" in rows[0] and "layers" in rows[1] and "layers" in rows[2]
     capped = rows[1]  # from the second step on: the applied term is at most the task's, tensor by tensor
     assert all(a <= 1.0001 * k for a, k in zip(capped["grad_applied"], capped["grad_task"], strict=True))
     assert "| step | task loss |" in trace.report(record, at=(1, 3))
