@@ -32,16 +32,13 @@ def _pull(task: Tensor, term: Tensor, model: nn.Module) -> float:
     return norms[0] / norms[1]
 
 
-_nets, _batch, _train = tanh_target_relu_guide, class_batch, train_on_class_batches
-
-
 @pytest.mark.parametrize("strength", [0.05, 0.3, 2.0])
 def test_guided_model_holds_the_requested_pull_on_measured_steps(strength: float) -> None:
-    target, guide = _nets()
+    target, guide = tanh_target_relu_guide()
     opt = torch.optim.Adam(target.parameters(), lr=1e-2)
     guided = GuidedModel(target, guide, strength=strength, strength_every=5, optimizer=opt)
     for step in range(12):
-        x, y = _batch(step)
+        x, y = class_batch(step)
         task = nn.functional.cross_entropy(guided(x), y)
         loss = guided.total_loss(task)
         if step % 5 == 0:  # measured: the first step, then every 5 steps
@@ -54,8 +51,8 @@ def test_guided_model_holds_the_requested_pull_on_measured_steps(strength: float
 
 
 def test_guidance_context_holds_the_pull_and_refuses_a_term_without_the_task_loss() -> None:
-    target, guide = _nets()
-    x, y = _batch(0)
+    target, guide = tanh_target_relu_guide()
+    x, y = class_batch(0)
     with Guidance(target, guide, strength=0.3) as g:
         out = target(x)
         with pytest.raises(ConfigError, match=r"total_loss\(task_loss\)"):
@@ -82,10 +79,10 @@ def test_an_output_loss_gets_the_term_at_the_requested_pull() -> None:
 
 
 def test_the_window_and_decay_scale_the_requested_pull() -> None:
-    target, guide = _nets()
+    target, guide = tanh_target_relu_guide()
     guided = GuidedModel(target, guide, strength=0.4, strength_every=1, until_step=4, decay="linear")
     for step in range(3):
-        x, y = _batch(step)
+        x, y = class_batch(step)
         task = nn.functional.cross_entropy(guided(x), y)
         loss = guided.total_loss(task)
         profile = 1 - step / 4
@@ -94,39 +91,39 @@ def test_the_window_and_decay_scale_the_requested_pull() -> None:
 
 
 def test_resume_continues_the_controller_bit_identically(tmp_path: Path) -> None:
-    target, guide = _nets()
+    target, guide = tanh_target_relu_guide()
     straight_target = copy.deepcopy(target)
     opt = torch.optim.Adam(straight_target.parameters(), lr=1e-2)
     straight = GuidedModel(straight_target, copy.deepcopy(guide), strength=0.3, strength_every=3, optimizer=opt)
-    _train(straight, opt, range(10))
+    train_on_class_batches(straight, opt, range(10))
 
     first_opt = torch.optim.Adam(target.parameters(), lr=1e-2)
     first = GuidedModel(target, copy.deepcopy(guide), strength=0.3, strength_every=3, optimizer=first_opt)
-    _train(first, first_opt, range(5))  # measured at steps 0 and 3: stops between two measurements
+    train_on_class_batches(first, first_opt, range(5))  # measured at steps 0 and 3: stops between two measurements
     assert first.engine.strength.since == 1
     torch.save({"model": first.state_dict(), "opt": first_opt.state_dict()}, tmp_path / "ckpt.pt")
 
-    resumed_target, _ = _nets(seed=5)  # other weights: the checkpoint must restore everything
+    resumed_target, _ = tanh_target_relu_guide(seed=5)  # other weights: the checkpoint must restore everything
     resumed_opt = torch.optim.Adam(resumed_target.parameters(), lr=1e-2)
     resumed = GuidedModel(resumed_target, copy.deepcopy(guide), strength=0.3, strength_every=3, optimizer=resumed_opt)
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     resumed.load_state_dict(state["model"])
     resumed_opt.load_state_dict(state["opt"])
     assert resumed.engine.strength.state_dict() == first.engine.strength.state_dict()
-    _train(resumed, resumed_opt, range(5, 10))
+    train_on_class_batches(resumed, resumed_opt, range(5, 10))
     for a, b in zip(straight_target.parameters(), resumed_target.parameters(), strict=True):
         assert torch.equal(a, b)
     assert resumed.engine.strength.state_dict() == straight.engine.strength.state_dict()
 
 
 def test_guidance_state_dict_carries_the_controller() -> None:
-    target, guide = _nets()
+    target, guide = tanh_target_relu_guide()
     with Guidance(target, guide, strength=0.3) as g:
-        x, y = _batch(0)
+        x, y = class_batch(0)
         g.total_loss(nn.functional.cross_entropy(target(x), y))
         state = g.state_dict()
     assert state["strength"]["measured"] and state["strength"]["pull"] == pytest.approx(0.3)
-    with Guidance(*_nets(), strength=0.3) as other:
+    with Guidance(*tanh_target_relu_guide(), strength=0.3) as other:
         other.load_state_dict(json.loads(json.dumps(state)))
         assert other.engine.strength.scale == g.engine.strength.scale
 
@@ -156,14 +153,14 @@ def test_a_strong_first_pull_is_logged_not_warned_about_and_a_weak_one_warns() -
         warnings.simplefilter("error", GuidewrapWarning)
         guided.total_loss(nn.functional.cross_entropy(guided(x), y))
     assert guided.guidance_metrics()["guidance_pull"] > 10
-    weak = GuidedModel(*_nets(), weight=1e-6)
-    x, y = _batch(0)
+    weak = GuidedModel(*tanh_target_relu_guide(), weight=1e-6)
+    x, y = class_batch(0)
     with pytest.warns(GuidewrapWarning, match="barely registers"):
         weak.total_loss(nn.functional.cross_entropy(weak(x), y))
 
 
 def test_settings_are_validated() -> None:
-    target, guide = _nets()
+    target, guide = tanh_target_relu_guide()
     for bad in (0, -1.0, float("nan"), "0.3", True):
         with pytest.raises(ConfigError, match="strength"):
             GuidedModel(target, guide, strength=bad)
@@ -213,9 +210,9 @@ def test_guide_trainer_holds_the_pull_logs_it_and_checkpoints_the_controller(tmp
 
 
 def test_a_forward_without_gradients_is_not_measured() -> None:
-    target, guide = _nets()
+    target, guide = tanh_target_relu_guide()
     guided = GuidedModel(target, guide)  # a fixed weight: measured once, on the first step with gradients
-    x, y = _batch(0)
+    x, y = class_batch(0)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error", GuidewrapWarning)  # no "inf times the task's" warning
         guided.total_loss(nn.functional.cross_entropy(guided(x), y))

@@ -25,8 +25,6 @@ from guidewrap.errors import ConfigError, GuidewrapWarning
 from guidewrap.tensor_cap import PERSISTENT_PULL, TensorCap
 from tests.conftest import class_batch, tanh_target_relu_guide, train_on_class_batches
 
-_nets, _batch, _train = tanh_target_relu_guide, class_batch, train_on_class_batches
-
 
 def _gpt2_pair(layers: int) -> tuple[nn.Module, nn.Module]:
     transformers = pytest.importorskip("transformers")
@@ -66,11 +64,11 @@ def _check(task: Tensor, total: Tensor, term: Tensor, model: nn.Module, cap: flo
 
 
 def test_guided_model_caps_each_tensor_after_the_first_steps_and_clears_its_optimizer_state() -> None:
-    target, guide = _nets()
+    target, guide = tanh_target_relu_guide()
     opt = torch.optim.Adam(target.parameters(), lr=1e-2)
     guided = GuidedModel(target, guide, weight=5.0, tensor_cap=0.5, tensor_cap_after=3, optimizer=opt)
     for step in range(6):
-        x, y = _batch(step)
+        x, y = class_batch(step)
         task = nn.functional.cross_entropy(guided(x), y)
         total = guided.total_loss(task)
         term = guided.alignment_loss
@@ -92,8 +90,8 @@ def test_guided_model_caps_each_tensor_after_the_first_steps_and_clears_its_opti
 
 
 def test_the_context_caps_and_refuses_a_term_without_the_task_loss() -> None:
-    target, guide = _nets()
-    x, y = _batch(0)
+    target, guide = tanh_target_relu_guide()
+    x, y = class_batch(0)
     with Guidance(target, guide, weight=5.0, tensor_cap=0.5, tensor_cap_after=0) as g:
         out = target(x)
         with pytest.raises(ConfigError, match=r"tensor_cap=0.5.*total_loss\(task_loss\)"):
@@ -119,7 +117,7 @@ def test_an_output_loss_carries_the_capped_term() -> None:
 
 
 def test_settings_are_validated() -> None:
-    target, guide = _nets()
+    target, guide = tanh_target_relu_guide()
     for bad in (0, -1.0, float("inf"), "1", True):
         with pytest.raises(ConfigError, match="tensor_cap must be"):
             GuidedModel(target, guide, tensor_cap=bad)
@@ -130,35 +128,35 @@ def test_settings_are_validated() -> None:
 
 def test_resume_continues_the_cap_bit_identically(tmp_path: Path) -> None:
     settings = {"weight": 5.0, "tensor_cap": 0.5, "tensor_cap_after": 3}
-    target, guide = _nets()
+    target, guide = tanh_target_relu_guide()
     straight_target = copy.deepcopy(target)
     opt = torch.optim.Adam(straight_target.parameters(), lr=1e-2)
     straight = GuidedModel(straight_target, copy.deepcopy(guide), optimizer=opt, **settings)
-    _train(straight, opt, range(10))
+    train_on_class_batches(straight, opt, range(10))
 
     first_opt = torch.optim.Adam(target.parameters(), lr=1e-2)
     first = GuidedModel(target, copy.deepcopy(guide), optimizer=first_opt, **settings)
-    _train(first, first_opt, range(5))  # past the switch: some tensors' state cleared
+    train_on_class_batches(first, first_opt, range(5))  # past the switch: some tensors' state cleared
     assert first.engine.strength.tensors.cleared
     torch.save({"model": first.state_dict(), "opt": first_opt.state_dict()}, tmp_path / "ckpt.pt")
 
-    resumed_target, _ = _nets(seed=5)
+    resumed_target, _ = tanh_target_relu_guide(seed=5)
     resumed_opt = torch.optim.Adam(resumed_target.parameters(), lr=1e-2)
     resumed = GuidedModel(resumed_target, copy.deepcopy(guide), optimizer=resumed_opt, **settings)
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     resumed.load_state_dict(state["model"])
     resumed_opt.load_state_dict(state["opt"])
     assert resumed.engine.strength.tensors.state_dict() == first.engine.strength.tensors.state_dict()
-    _train(resumed, resumed_opt, range(5, 10))
+    train_on_class_batches(resumed, resumed_opt, range(5, 10))
     for a, b in zip(straight_target.parameters(), resumed_target.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
 def test_a_compiled_target_is_capped_from_eager_total_loss_without_a_graph_break() -> None:
-    target, guide = _nets()
+    target, guide = tanh_target_relu_guide()
     guided = GuidedModel(torch.compile(target, backend="aot_eager"), guide, weight=5.0, tensor_cap=0.5,
                          tensor_cap_after=0, optimizer=torch.optim.SGD(target.parameters(), lr=0.0))  # fmt: skip
-    x, y = _batch(0)
+    x, y = class_batch(0)
     guided(x)  # plans
     explained = torch._dynamo.explain(lambda: guided(x))()
     assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
@@ -296,12 +294,12 @@ def test_accelerate_caps_under_accumulation(monkeypatch) -> None:  # noqa: ANN00
     AcceleratorState._reset_state(reset_partial_state=True)
     bound = _capture_totals(monkeypatch, 0.5, after=2)
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
-    target, guide = _nets()
+    target, guide = tanh_target_relu_guide()
     optimizer = torch.optim.Adam(target.parameters(), lr=1e-2)
     guided = GuidedModel(target, guide, weight=5.0, tensor_cap=0.5, tensor_cap_after=2, optimizer=optimizer)
     model, optimizer = accelerator.prepare(guided, optimizer)
     for step in range(6):
-        x, y = _batch(step)
+        x, y = class_batch(step)
         with accelerator.accumulate(model):
             loss = guided.total_loss(nn.functional.cross_entropy(model(x), y))
             accelerator.backward(loss)
@@ -320,7 +318,7 @@ def test_lightning_caps_the_returned_loss(tmp_path: Path, monkeypatch) -> None: 
     class Module(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net = _nets()[0]
+            self.net = tanh_target_relu_guide()[0]
 
         def forward(self, x: Tensor) -> Tensor:
             return self.net(x)
@@ -331,8 +329,8 @@ def test_lightning_caps_the_returned_loss(tmp_path: Path, monkeypatch) -> None: 
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.Adam(self.parameters(), lr=1e-2)
 
-    data = torch.utils.data.TensorDataset(*_batch(0))
-    guidance = GuidanceCallback(_nets()[1], weight=5.0, tensor_cap=0.5, tensor_cap_after=2)
+    data = torch.utils.data.TensorDataset(*class_batch(0))
+    guidance = GuidanceCallback(tanh_target_relu_guide()[1], weight=5.0, tensor_cap=0.5, tensor_cap_after=2)
     trainer = L.Trainer(max_steps=4, callbacks=[guidance], accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=16))
