@@ -33,9 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .distributed import mean_over_processes
 from .errors import GuidewrapWarning
-from .tensor_cap import TensorCap
+from .tensor_cap import TensorCap, applied_gradient
 
 __all__ = ["StrengthController"]
 
@@ -183,7 +182,7 @@ def _norms(task_loss: Tensor, term: Tensor, params: Sequence[Tensor]) -> tuple[f
         if not loss.requires_grad:
             squares.append(zero)
             continue
-        grads = mean_over_processes(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True), params)
+        grads = applied_gradient(loss, params)
         squares.append(sum((g.detach().float().pow(2).sum() for g in grads if g is not None), zero))
     task_sq, term_sq = torch.stack([s.to(task_loss.device) for s in squares]).tolist()
     return math.sqrt(task_sq), math.sqrt(term_sq)

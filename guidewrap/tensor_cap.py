@@ -227,9 +227,13 @@ def _leaves(*losses: Tensor) -> list[Tensor]:
 def _gradients(task_loss: Tensor, term: Tensor, leaves: Sequence[Tensor]) -> tuple[list[Any], list[Any]]:
     """Both losses' gradients over ``leaves``; in a data-parallel run, as applied (averaged over the
     processes), so every process caps alike and as one process would on the global batch."""
-    g_task = torch.autograd.grad(task_loss, leaves, retain_graph=True, allow_unused=True)
-    g_term = torch.autograd.grad(term, leaves, retain_graph=True, allow_unused=True)
-    return mean_over_processes(g_task, leaves), mean_over_processes(g_term, leaves)
+    return applied_gradient(task_loss, leaves), applied_gradient(term, leaves)
+
+
+def applied_gradient(loss: Tensor, leaves: Sequence[Tensor]) -> list[Any]:
+    """``loss``'s gradient over ``leaves`` (None where unused; the graph kept), averaged over the processes
+    of a data-parallel run as DDP applies it."""
+    return mean_over_processes(torch.autograd.grad(loss, leaves, retain_graph=True, allow_unused=True), leaves)
 
 
 def _tensor_norms(task_loss: Tensor, term: Tensor, params: Sequence[Tensor]) -> tuple[list[float], list[float]]:
