@@ -93,7 +93,7 @@ class GuidanceEngine:
             config.strength, config.strength_every, config.tensor_cap, config.tensor_cap_after
         )
         self.term_in_output = False  # the last forward's output loss holds the term
-        self._double_count_checks = 3
+        self.double_count = _DoubleCountWatch(checks=3)
         self._warned_no_grad = False
         self._batches = _BatchChecks(config.distributed)  # what the first guided batches must show
         self.closed = False
@@ -367,11 +367,23 @@ def _into_output_loss(engine: GuidanceEngine, output: Any) -> Any:
     else:
         return output
     engine.term_in_output = with_term is not None
-    checking = engine._double_count_checks and not torch.compiler.is_compiling()  # a diagnostic only
-    if with_term is not None and checking and loss is not None and loss.requires_grad:
-        engine._double_count_checks -= 1  # the first steps show the pattern; later ones cost nothing
-        watch_double_count(with_term, loss)
+    if with_term is not None:
+        engine.double_count.watch(with_term, loss)
     return output
+
+
+class _DoubleCountWatch:
+    """Watches the first few output losses that carry the term for the term being added a second time
+    (``hooks.watch_double_count``): a diagnostic, so the first steps show the pattern and later ones cost
+    nothing."""
+
+    def __init__(self, checks: int) -> None:
+        self.remaining = checks
+
+    def watch(self, loss_with_term: Tensor, term: Tensor | None) -> None:
+        if self.remaining and term is not None and term.requires_grad and not torch.compiler.is_compiling():
+            self.remaining -= 1
+            watch_double_count(loss_with_term, term)
 
 
 class _BatchChecks:
